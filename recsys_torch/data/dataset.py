@@ -1,0 +1,162 @@
+"""Encode a :class:`RawDataset` once, before any split, into tensors and feature bags."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys_torch.data.features import Features, build_features
+from recsys_torch.data.interactions import Interactions
+from recsys_torch.data.raw import RawDataset
+from recsys_torch.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_POLICIES = ("last", "first", "mean", "error")
+
+
+@dataclass
+class Dataset:
+    interactions: Interactions
+    item_features: Features | None = None
+    user_features: Features | None = None
+    item_titles: list[str] | None = None  # by item code
+    name: str = "dataset"
+    report: dict = field(default_factory=dict)  # what encoding dropped or fixed
+
+    @property
+    def n_users(self) -> int:
+        return self.interactions.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.interactions.n_items
+
+
+def _encode_ids(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and raw ids (as strings). Integer ids are ordered numerically, others as strings."""
+    if pd.api.types.is_integer_dtype(values):
+        codes, uniques = pd.factorize(values, sort=True)
+        return codes.astype(np.int64), np.asarray([str(u) for u in uniques], dtype=object)
+    as_str = values.astype(str)
+    codes, uniques = pd.factorize(as_str, sort=True)
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
+
+
+def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, name: str) -> pd.DataFrame:
+    for column in ("user", "item", "rating"):
+        if column not in ratings.columns:
+            raise DataError(f"{name}: ratings have no {column!r} column (columns: {list(ratings.columns)})")
+    if len(ratings) == 0:
+        raise DataError(f"{name}: there are no ratings")
+    if ratings["user"].isna().any() or ratings["item"].isna().any():
+        n = int(ratings["user"].isna().sum() + ratings["item"].isna().sum())
+        raise DataError(f"{name}: {n} rating row(s) have an empty user or item id")
+    values = pd.to_numeric(ratings["rating"], errors="coerce")
+    bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+    if bad.any():
+        first = ratings.index[bad.to_numpy()][0]
+        raise DataError(
+            f"{name}: {int(bad.sum())} rating(s) are not finite numbers "
+            f"(first at row {first}: {ratings['rating'].loc[first]!r})"
+        )
+    ratings = ratings.assign(rating=values.astype(np.float64))
+    if scale is not None:
+        lo, hi = scale
+        outside = (ratings["rating"] < lo) | (ratings["rating"] > hi)
+        if outside.any():
+            first = ratings.index[outside.to_numpy()][0]
+            raise DataError(
+                f"{name}: {int(outside.sum())} rating(s) fall outside the declared scale [{lo}, {hi}] "
+                f"(first at row {first}: {ratings['rating'].loc[first]})"
+            )
+    if "timestamp" in ratings.columns:
+        ts = pd.to_numeric(ratings["timestamp"], errors="coerce")
+        if ts.isna().any():
+            # ISO dates and the like
+            ts = pd.to_datetime(ratings["timestamp"], errors="coerce", utc=True)
+            if ts.isna().any():
+                raise DataError(f"{name}: {int(ts.isna().sum())} timestamp(s) could not be read")
+            ts = ts.astype("int64") // 10**9
+        ratings = ratings.assign(timestamp=ts.astype(np.int64))
+    return ratings
+
+
+def _drop_duplicates(ratings: pd.DataFrame, policy: str, name: str) -> tuple[pd.DataFrame, int]:
+    if policy not in DUPLICATE_POLICIES:
+        raise DataError(f"unknown duplicates policy {policy!r} (use one of {DUPLICATE_POLICIES})")
+    dup = ratings.duplicated(subset=["user", "item"], keep=False)
+    if not dup.any():
+        return ratings, 0
+    n_before = len(ratings)
+    if policy == "error":
+        first = ratings.loc[dup].iloc[0]
+        raise DataError(
+            f"{name}: {int(dup.sum())} rows repeat a (user, item) pair "
+            f"(e.g. user {first['user']!r}, item {first['item']!r})"
+        )
+    if policy == "mean":
+        agg = {"rating": "mean"}
+        if "timestamp" in ratings.columns:
+            agg["timestamp"] = "max"
+        ratings = ratings.groupby(["user", "item"], sort=False, as_index=False).agg(agg)
+    else:
+        if "timestamp" in ratings.columns:
+            ratings = ratings.sort_values("timestamp", kind="stable")
+        ratings = ratings.drop_duplicates(subset=["user", "item"], keep=policy).sort_index()
+    return ratings, n_before - len(ratings)
+
+
+def encode(raw: RawDataset, duplicates: str = "last") -> Dataset:
+    """Encode ids and features. ``duplicates`` says which of repeated (user, item) rows to keep:
+    ``last`` (by timestamp when known, else file order), ``first``, ``mean`` or ``error``."""
+    ratings = _check_ratings(raw.ratings, raw.rating_scale, raw.name)
+    ratings, n_dup = _drop_duplicates(ratings, duplicates, raw.name)
+    if n_dup:
+        log.warning("%s: dropped %d duplicate (user, item) rating(s), keeping %s", raw.name, n_dup, duplicates)
+
+    user_codes, user_ids = _encode_ids(ratings["user"])
+    item_codes, item_ids = _encode_ids(ratings["item"])
+    scale = raw.rating_scale
+    if scale is None:
+        scale = (float(ratings["rating"].min()), float(ratings["rating"].max()))
+    timestamps = None
+    if "timestamp" in ratings.columns:
+        timestamps = torch.from_numpy(ratings["timestamp"].to_numpy(dtype=np.int64, copy=True))
+    inter = Interactions(
+        users=torch.from_numpy(user_codes),
+        items=torch.from_numpy(item_codes),
+        ratings=torch.from_numpy(ratings["rating"].to_numpy(dtype=np.float32, copy=True)),
+        n_users=len(user_ids),
+        n_items=len(item_ids),
+        timestamps=timestamps,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        rating_scale=(float(scale[0]), float(scale[1])),
+    )
+    report = {"n_duplicates_dropped": n_dup}
+
+    item_features = user_features = None
+    titles = None
+    if raw.items is not None:
+        item_index = {r: i for i, r in enumerate(item_ids)}
+        item_features, n_unknown = build_features(raw.items, "item", raw.item_spec, item_index, len(item_ids), "item")
+        report["n_item_feature_rows_unknown"] = n_unknown
+        if n_unknown:
+            log.warning("%s: %d item feature row(s) name items with no ratings; ignored", raw.name, n_unknown)
+        if raw.item_title:
+            if raw.item_title not in raw.items.columns:
+                raise DataError(f"{raw.name}: item table has no title column {raw.item_title!r}")
+            title_of = dict(zip(raw.items["item"].astype(str), raw.items[raw.item_title].astype(str)))
+            titles = [title_of.get(r, str(r)) for r in item_ids]
+    if raw.users is not None:
+        user_index = {r: i for i, r in enumerate(user_ids)}
+        user_features, n_unknown = build_features(raw.users, "user", raw.user_spec, user_index, len(user_ids), "user")
+        report["n_user_feature_rows_unknown"] = n_unknown
+        if n_unknown:
+            log.warning("%s: %d user feature row(s) name users with no ratings; ignored", raw.name, n_unknown)
+    return Dataset(inter, item_features, user_features, titles, raw.name, report)

@@ -1,0 +1,96 @@
+"""`Interactions`: ratings as parallel tensors in one encoded id space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Interactions:
+    """Parallel tensors ``users``, ``items`` (int64 codes), ``ratings`` (float32) and optional
+    ``timestamps`` (int64), plus the sizes of the id space.
+
+    Every split of a data set keeps the same ``n_users`` / ``n_items`` and the same raw-id maps, so
+    a model built for one part can score any other part.
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    ratings: torch.Tensor
+    n_users: int
+    n_items: int
+    timestamps: torch.Tensor | None = None
+    user_ids: np.ndarray | None = None  # code -> raw id
+    item_ids: np.ndarray | None = None
+    rating_scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        if len(self.items) != n or len(self.ratings) != n:
+            raise ValueError("users, items and ratings must have the same length")
+        if self.timestamps is not None and len(self.timestamps) != n:
+            raise ValueError("timestamps must have the same length as ratings")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> "Interactions":
+        """The rows at ``index`` (positions or a boolean mask), in the same id space."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
+        index = index.to(self.users.device, torch.long)
+        return replace(
+            self,
+            users=self.users.index_select(0, index),
+            items=self.items.index_select(0, index),
+            ratings=self.ratings.index_select(0, index),
+            timestamps=None if self.timestamps is None else self.timestamps.index_select(0, index),
+        )
+
+    def concat(self, other: "Interactions") -> "Interactions":
+        """Rows of both parts (same id space)."""
+        ts = None
+        if self.timestamps is not None and other.timestamps is not None:
+            ts = torch.cat([self.timestamps, other.timestamps])
+        return replace(
+            self,
+            users=torch.cat([self.users, other.users]),
+            items=torch.cat([self.items, other.items]),
+            ratings=torch.cat([self.ratings, other.ratings]),
+            timestamps=ts,
+        )
+
+    def to(self, device: torch.device | str) -> "Interactions":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            users=move(self.users),
+            items=move(self.items),
+            ratings=move(self.ratings),
+            timestamps=move(self.timestamps),
+        )
+
+    def user_counts(self) -> torch.Tensor:
+        return torch.bincount(self.users, minlength=self.n_users)
+
+    def item_counts(self) -> torch.Tensor:
+        return torch.bincount(self.items, minlength=self.n_items)
+
+    def known_users(self) -> torch.Tensor:
+        """Boolean mask over user codes: which users have at least one row here."""
+        return self.user_counts() > 0
+
+    def known_items(self) -> torch.Tensor:
+        return self.item_counts() > 0
+
+    def describe(self) -> str:
+        return (
+            f"{len(self):,} ratings, {int(self.known_users().sum()):,} users, "
+            f"{int(self.known_items().sum()):,} items"
+        )

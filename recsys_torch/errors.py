@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a bad column, an unknown id, an impossible split) raises a
+subclass of :class:`RecsysError`. The command-line entry points catch it and print one line on stderr
+with a non-zero exit; library users get an ordinary exception with the same message.
+"""
+
+
+class RecsysError(Exception):
+    """Base class for errors caused by input or configuration, not by a bug."""
+
+
+class DataError(RecsysError):
+    """A data file or table is missing, unreadable or malformed."""
+
+
+class ConfigError(RecsysError):
+    """A configuration value is invalid or impossible (e.g. a split that leaves a set empty)."""
+
+
+class UnknownIdError(RecsysError):
+    """A raw user or item id was asked for that the trained run does not know."""
+
+
+class CheckpointError(RecsysError):
+    """A checkpoint is missing, corrupt or unsafe to load."""
+
+
+class TrainingError(RecsysError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""

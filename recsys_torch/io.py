@@ -1,0 +1,109 @@
+"""Run outputs written atomically (temporary file, then rename) and checkpoints that load with
+``torch.load(weights_only=True)``: tensors, strings, numbers, lists and dicts only, never pickled code."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_torch.data.features import Features
+from recsys_torch.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "recsys_torch/1"
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_json(path: str, data: dict) -> None:
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(path: str, obj: dict) -> None:
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def save_checkpoint(path: str, model, cfg: DictConfig | dict, dataset, train, metrics: dict | None = None) -> None:
+    """Weights, id maps, feature tables, the training interactions (to exclude rated items when
+    recommending) and the resolved config."""
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    inter = dataset.interactions
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model_target": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_config": {k: v for k, v in (config.get("model") or {}).items() if k != "_target_"},
+        "n_users": inter.n_users,
+        "n_items": inter.n_items,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "user_ids": [str(x) for x in inter.user_ids],
+        "item_ids": [str(x) for x in inter.item_ids],
+        "item_titles": list(dataset.item_titles) if dataset.item_titles else None,
+        "item_features": dataset.item_features.state() if dataset.item_features is not None else None,
+        "user_features": dataset.user_features.state() if dataset.user_features is not None else None,
+        "rating_scale": list(inter.rating_scale) if inter.rating_scale else None,
+        "train": {"users": train.users.cpu(), "items": train.items.cpu(), "ratings": train.ratings.cpu()},
+        "config": config,
+        "metrics": _json_safe({k: v for k, v in (metrics or {}).items() if k != "folds"}),
+    }
+    atomic_torch_save(path, state)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint safely; refuse anything that needs pickled code."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError or RuntimeError variants
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"refusing to load {path}: not a safe recsys_torch checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a recsys_torch checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def model_from_checkpoint(state: dict):
+    """Rebuild the model of a checkpoint (only classes inside recsys_torch.models are allowed)."""
+    import importlib
+
+    target = state["model_target"]
+    module_name, _, cls_name = target.rpartition(".")
+    if not module_name.startswith("recsys_torch.models"):
+        raise CheckpointError(f"checkpoint names a model outside recsys_torch.models: {target}")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    item_features = Features.from_state(state["item_features"]) if state.get("item_features") else None
+    user_features = Features.from_state(state["user_features"]) if state.get("user_features") else None
+    model = cls(n_users=state["n_users"], n_items=state["n_items"], item_features=item_features,
+                user_features=user_features, **state["model_config"])
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model

@@ -1,0 +1,35 @@
+"""Losses as plain functions with uniform shapes: scores in, a scalar out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of predicted ratings."""
+    return F.mse_loss(pred, target)
+
+
+def bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Bayesian personalized ranking: ``pos`` ``[B]``, ``neg`` ``[B, n_neg]``;
+    mean of ``-log sigmoid(pos - neg)`` over every (positive, negative) pair."""
+    return -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
+
+
+def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tensor | None = None,
+                    log_q_neg: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax cross-entropy of each positive against its sampled negatives.
+
+    With ``log_q_*`` (log sampling probability of each item) the logits get the log-Q correction
+    (Bengio & Senecal; Yi et al. 2019), so popularity-sampled negatives give an unbiased softmax.
+    """
+    if log_q_pos is not None:
+        pos = pos - log_q_pos
+    if log_q_neg is not None:
+        neg = neg - log_q_neg
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+
+
+LOSSES = {"mse": mse, "bpr": bpr, "softmax": sampled_softmax}

@@ -1,0 +1,188 @@
+"""Evaluation: rating error and full-ranking top-N metrics. Pure functions of a model and data.
+
+Full ranking scores every candidate item for each user (a matmul, chunked over users), masks the
+user's training (and validation) items, and breaks ties by item code, so results do not depend on the
+evaluation batch size or the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from recsys_torch.data.interactions import Interactions
+from recsys_torch.models.base import FactorizationModel
+
+RANKING_METRICS = ("precision", "recall", "ndcg", "hr", "map", "mrr", "coverage", "avg_popularity")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return model.global_bias.device
+
+
+@torch.no_grad()
+def predict(model: FactorizationModel, users: torch.Tensor, items: torch.Tensor,
+            rating_scale: tuple[float, float] | None = None, batch_size: int = 65536) -> torch.Tensor:
+    """Predicted ratings for (user, item) pairs, clipped to ``rating_scale``; returned on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    out = []
+    for u, i in zip(users.split(batch_size), items.split(batch_size)):
+        out.append(model(u.to(device), i.to(device)).float().cpu())
+    model.train(was_training)
+    pred = torch.cat(out) if out else torch.zeros(0)
+    if rating_scale is not None:
+        pred = pred.clamp(rating_scale[0], rating_scale[1])
+    return pred
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(torch.sqrt(torch.mean((pred.double() - target.double()) ** 2))) if len(pred) else math.nan
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(torch.mean((pred.double() - target.double()).abs())) if len(pred) else math.nan
+
+
+def unknown_masks(train: Interactions, data: Interactions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``data``: is its user / item unknown to ``train``?"""
+    known_u = train.known_users().cpu()
+    known_i = train.known_items().cpu()
+    return ~known_u[data.users.cpu()], ~known_i[data.items.cpu()]
+
+
+def unknown_counts(train: Interactions, data: Interactions) -> dict[str, int]:
+    """Distinct users and items of ``data`` that ``train`` has never seen."""
+    unk_u, unk_i = unknown_masks(train, data)
+    return {
+        "unknown_users": int(torch.unique(data.users.cpu()[unk_u]).numel()),
+        "unknown_items": int(torch.unique(data.items.cpu()[unk_i]).numel()),
+    }
+
+
+def rating_metrics(model: FactorizationModel, data: Interactions, train: Interactions | None = None,
+                   batch_size: int = 65536) -> dict[str, float]:
+    """RMSE and MAE; with ``train`` given, also ``cold/...`` (rows whose user or item training never
+    saw) and ``warm/...`` (the rest) when there are cold rows."""
+    pred = predict(model, data.users, data.items, data.rating_scale, batch_size)
+    target = data.ratings.cpu()
+    out = {"rmse": rmse(pred, target), "mae": mae(pred, target)}
+    if train is not None:
+        unk_u, unk_i = unknown_masks(train, data)
+        cold = unk_u | unk_i
+        if bool(cold.any()):
+            out["cold/rmse"], out["cold/mae"] = rmse(pred[cold], target[cold]), mae(pred[cold], target[cold])
+            warm = ~cold
+            out["warm/rmse"], out["warm/mae"] = rmse(pred[warm], target[warm]), mae(pred[warm], target[warm])
+    return out
+
+
+def _csr(data: Interactions, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pointers and item codes of each user's rows, users in code order."""
+    order = torch.argsort(data.users.cpu(), stable=True)
+    counts = torch.bincount(data.users.cpu(), minlength=n_users)
+    indptr = torch.zeros(n_users + 1, dtype=torch.long)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return indptr, data.items.cpu()[order]
+
+
+def _dense_rows(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
+    """A boolean ``[len(users), n_items]`` matrix of each user's items."""
+    starts, ends = indptr[users], indptr[users + 1]
+    lengths = ends - starts
+    row = torch.repeat_interleave(torch.arange(len(users)), lengths)
+    offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    cols = indices[torch.repeat_interleave(starts, lengths) + offset]
+    mat = torch.zeros(len(users), n_items, dtype=torch.bool)
+    mat[row, cols] = True
+    return mat
+
+
+@torch.no_grad()
+def top_k(model: FactorizationModel, users: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+          candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best items for each user (codes and scores, on the CPU), best first.
+
+    ``exclude``: boolean ``[len(users), n_items]`` of items not to recommend (e.g. already rated);
+    ``candidates``: boolean ``[n_items]`` of items allowed at all. Ties go to the lower item code.
+    """
+    device = _device(model)
+    scores = model.score_all(users.to(device)).double().cpu()
+    n_items = scores.shape[1]
+    # deterministic tie-break by item code, below float32 resolution of real score differences
+    scores -= torch.arange(n_items, dtype=torch.float64) * (1e-9 / max(n_items, 1))
+    if candidates is not None:
+        scores[:, ~candidates.cpu()] = -math.inf
+    if exclude is not None:
+        scores[exclude] = -math.inf
+    k = min(k, n_items)
+    values, idx = torch.topk(scores, k, dim=1, sorted=True)
+    return idx, values.float()
+
+
+@torch.no_grad()
+def ranking_metrics(
+    model: FactorizationModel,
+    data: Interactions,
+    exclude: list[Interactions],
+    train: Interactions,
+    ks: list[int] | tuple[int, ...] = (10,),
+    batch_size: int = 1024,
+    candidates: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics at each K for the users with at least one item in ``data``.
+
+    ``exclude``: parts whose items are masked per user (training, and validation when testing);
+    ``train`` gives popularity counts; ``candidates`` (boolean over items) restricts the catalog,
+    by default to the items seen in ``train``. Test items outside the candidates count as misses.
+    """
+    was_training = model.training
+    model.eval()
+    n_items = model.n_items
+    n_users = model.n_users
+    if candidates is None:
+        candidates = train.known_items().cpu()
+    popularity = train.item_counts().cpu().double()
+    test_ptr, test_idx = _csr(data, n_users)
+    ex_ptrs = [_csr(part, n_users) for part in exclude]
+    eval_users = torch.nonzero(test_ptr[1:] > test_ptr[:-1]).squeeze(1)
+    k_max = max(ks)
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in RANKING_METRICS if m not in ("coverage", "avg_popularity")}
+    recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
+    pop_sum = {k: 0.0 for k in ks}
+    discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
+    for users in eval_users.split(batch_size):
+        excl = None
+        for ptr, idx in ex_ptrs:
+            rows = _dense_rows(ptr, idx, users, n_items)
+            excl = rows if excl is None else excl | rows
+        truth = _dense_rows(test_ptr, test_idx, users, n_items)
+        top, values = top_k(model, users, k_max, excl, candidates)
+        real = torch.isfinite(values)  # a masked item is never a recommendation
+        hits = (torch.gather(truth, 1, top) & real).double()  # [B, k_max]
+        n_true = truth.sum(1).double()
+        for k in ks:
+            h = hits[:, :k]
+            n_hit = h.sum(1)
+            ideal = torch.cumsum(discounts[:k], 0)[(torch.clamp(n_true, max=k) - 1).long()]
+            first = torch.where(h.any(1), 1.0 / (h.argmax(1).double() + 1), torch.zeros(len(users), dtype=torch.float64))
+            prec_at = torch.cumsum(h, 1) / torch.arange(1, k + 1, dtype=torch.float64)
+            sums[f"precision@{k}"] += float((n_hit / k).sum())
+            sums[f"recall@{k}"] += float((n_hit / n_true).sum())
+            sums[f"ndcg@{k}"] += float(((h * discounts[:k]).sum(1) / ideal).sum())
+            sums[f"hr@{k}"] += float((n_hit > 0).double().sum())
+            sums[f"map@{k}"] += float(((prec_at * h).sum(1) / torch.clamp(n_true, max=k)).sum())
+            sums[f"mrr@{k}"] += float(first.sum())
+            shown = top[:, :k][real[:, :k]]
+            recommended[k][shown] = True
+            pop_sum[k] += float(popularity[shown].sum())
+    model.train(was_training)
+    n_eval = max(len(eval_users), 1)
+    out = {key: value / n_eval for key, value in sums.items()}
+    for k in ks:
+        out[f"coverage@{k}"] = float(recommended[k].sum()) / max(int(candidates.sum()), 1)
+        out[f"avg_popularity@{k}"] = pop_sum[k] / (n_eval * k)
+    out["n_users"] = float(len(eval_users))
+    return out

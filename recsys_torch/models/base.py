@@ -1,0 +1,110 @@
+"""The factorization form every model shares.
+
+    score(u, i) = global_bias + user_bias(u) + item_bias(i) + <user_vector(u), item_vector(i)>
+
+A model only says how it builds each side (:meth:`user_side`, :meth:`item_side`). Scoring pairs,
+full ranking against every item, the L2 penalty on the rows a batch touches and the masking of ids
+unseen in training are written once, here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from recsys_torch.data.interactions import Interactions
+
+
+class Side(NamedTuple):
+    """One side of the factorization for a batch of entities."""
+
+    vector: torch.Tensor | None  # [B, d] or None for bias-only models
+    bias: torch.Tensor  # [B]
+    penalty: torch.Tensor | float  # [B] squared norms of the parameters used, already weighted
+
+
+class FactorizationModel(nn.Module):
+    """Base class. Subclasses implement :meth:`user_side` and :meth:`item_side`.
+
+    ``known_users`` / ``known_items`` are buffers set by :meth:`prepare` from the training data; an id
+    outside them has no trained id vector, so subclasses multiply their id parts by
+    :meth:`_known` and fall back to features or to zero.
+    """
+
+    def __init__(self, n_users: int, n_items: int) -> None:
+        super().__init__()
+        self.n_users = int(n_users)
+        self.n_items = int(n_items)
+        self.register_buffer("global_bias", torch.zeros(()))
+        self.register_buffer("known_users", torch.ones(self.n_users, dtype=torch.bool))
+        self.register_buffer("known_items", torch.ones(self.n_items, dtype=torch.bool))
+
+    # ---- to implement -------------------------------------------------------------------------
+    def user_side(self, users: torch.Tensor) -> Side:
+        raise NotImplementedError
+
+    def item_side(self, items: torch.Tensor) -> Side:
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+    @torch.no_grad()
+    def prepare(self, train: Interactions) -> None:
+        """Set data statistics before training: the global mean and which ids training knows."""
+        device = self.global_bias.device
+        self.global_bias.fill_(float(train.ratings.double().mean()) if len(train) else 0.0)
+        self.known_users.copy_(train.known_users().to(device))
+        self.known_items.copy_(train.known_items().to(device))
+
+    def _known(self, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return mask.index_select(0, ids).to(self.global_bias.dtype)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.score_with_penalty(users, items)[0]
+
+    def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of (user, item) pairs and the per-example L2 penalty of the rows they touch."""
+        u, i = self.user_side(users), self.item_side(items)
+        score = self.global_bias + u.bias + i.bias
+        if u.vector is not None and i.vector is not None:
+            score = score + (u.vector * i.vector).sum(-1)
+        return score, u.penalty + i.penalty
+
+    @torch.no_grad()
+    def item_table(self, chunk: int = 65536) -> Side:
+        """Vectors and biases of every item (for full ranking)."""
+        parts = [self.item_side(ids) for ids in torch.arange(self.n_items, device=self.global_bias.device).split(chunk)]
+        vec = None if parts[0].vector is None else torch.cat([p.vector for p in parts])
+        return Side(vec, torch.cat([p.bias for p in parts]), 0.0)
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, items: Side | None = None) -> torch.Tensor:
+        """Scores of ``users`` against every item: ``[len(users), n_items]``."""
+        items = self.item_table() if items is None else items
+        u = self.user_side(users)
+        scores = (self.global_bias + u.bias).unsqueeze(1) + items.bias.unsqueeze(0)
+        if u.vector is not None and items.vector is not None:
+            scores = scores + u.vector @ items.vector.T
+        return scores
+
+    def extra_state(self) -> dict:
+        """Constructor arguments besides sizes and features, for checkpoints (override if any)."""
+        return {}
+
+
+def id_embedding(n: int, dim: int, std: float) -> nn.Embedding:
+    """A sparse-gradient embedding table: an optimizer step touches only the rows in the batch."""
+    emb = nn.Embedding(n, dim, sparse=True)
+    nn.init.normal_(emb.weight, 0.0, std)
+    return emb
+
+
+def bias_embedding(n: int) -> nn.Embedding:
+    emb = nn.Embedding(n, 1, sparse=True)
+    nn.init.zeros_(emb.weight)
+    return emb

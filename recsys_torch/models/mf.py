@@ -1,0 +1,65 @@
+"""Biased matrix factorization (Funk / Koren "SVD") and the bias-only baseline."""
+
+from __future__ import annotations
+
+import torch
+
+from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
+
+
+class BaselineModel(FactorizationModel):
+    """Global mean plus regularized user and item biases (Surprise's BaselineOnly)."""
+
+    def __init__(self, n_users: int, n_items: int, reg_bias: float = 0.02, **_unused) -> None:
+        super().__init__(n_users, n_items)
+        self.reg_bias = float(reg_bias)
+        self.user_bias = bias_embedding(n_users)
+        self.item_bias = bias_embedding(n_items)
+
+    def _bias_side(self, table, known, ids) -> Side:
+        b = table(ids).squeeze(-1)
+        return Side(None, b * self._known(known, ids), self.reg_bias * b * b)
+
+    def user_side(self, users):
+        return self._bias_side(self.user_bias, self.known_users, users)
+
+    def item_side(self, items):
+        return self._bias_side(self.item_bias, self.known_items, items)
+
+
+class MFModel(FactorizationModel):
+    """score = mu + b_u + b_i + <p_u, q_i>. L2 acts on the rows a batch touches (``reg`` on factors,
+    ``reg_bias`` on biases), per rating, as Funk/Surprise SGD does; an id unseen in training falls
+    back to the global mean plus the biases that are known."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        embedding_dim: int = 64,
+        reg: float = 0.05,
+        reg_bias: float = 0.01,
+        init_std: float = 0.1,
+        **_unused,
+    ) -> None:
+        super().__init__(n_users, n_items)
+        self.embedding_dim = int(embedding_dim)
+        self.reg = float(reg)
+        self.reg_bias = float(reg_bias)
+        self.user_factors = id_embedding(n_users, self.embedding_dim, init_std)
+        self.item_factors = id_embedding(n_items, self.embedding_dim, init_std)
+        self.user_bias = bias_embedding(n_users)
+        self.item_bias = bias_embedding(n_items)
+
+    def _side(self, factors, biases, known, ids) -> Side:
+        k = self._known(known, ids)
+        v = factors(ids)
+        b = biases(ids).squeeze(-1)
+        penalty = self.reg * (v * v).sum(-1) + self.reg_bias * b * b
+        return Side(v * k.unsqueeze(-1), b * k, penalty)
+
+    def user_side(self, users):
+        return self._side(self.user_factors, self.user_bias, self.known_users, users)
+
+    def item_side(self, items):
+        return self._side(self.item_factors, self.item_bias, self.known_items, items)

@@ -1,0 +1,133 @@
+"""Tasks: what a batch's loss is and how a model is evaluated. ``rating`` (MSE; RMSE/MAE) or
+``ranking`` (BPR or sampled softmax over sampled negatives; full-ranking metrics at K)."""
+
+from __future__ import annotations
+
+import torch
+
+from recsys_torch import losses, metrics
+from recsys_torch.data.interactions import Interactions
+from recsys_torch.errors import ConfigError
+from recsys_torch.models.base import FactorizationModel, Side
+
+
+def pair_scores(model: FactorizationModel, u: Side, i: Side) -> torch.Tensor:
+    """Scores of a user side ``[B]`` against item sides ``[B]`` or ``[B, n]``."""
+    score = model.global_bias + u.bias.view(-1, *([1] * (i.bias.dim() - 1))) + i.bias
+    if u.vector is not None and i.vector is not None:
+        uv = u.vector if i.vector.dim() == 2 else u.vector.unsqueeze(1)
+        score = score + (uv * i.vector).sum(-1)
+    return score
+
+
+class RatingTask:
+    """Explicit ratings: minimize MSE plus the model's L2 penalty; report RMSE and MAE."""
+
+    name = "rating"
+    monitor = "rmse"
+    mode = "min"
+
+    def prepare_data(self, inter: Interactions) -> Interactions:
+        return inter
+
+    def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
+        pass
+
+    def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
+        scores, penalty = model.score_with_penalty(users, items)
+        return losses.mse(scores, ratings) + torch.as_tensor(penalty).mean()
+
+    def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int = 65536) -> dict:
+        return metrics.rating_metrics(model, data, train, batch_size)
+
+
+class RankingTask:
+    """Implicit feedback: positives are ratings at or above ``threshold`` (every interaction when
+    ``threshold`` is None); each positive is contrasted with ``n_negatives`` sampled items."""
+
+    name = "ranking"
+    mode = "max"
+
+    def __init__(self, threshold: float | None = 4.0, loss: str = "bpr", n_negatives: int = 1,
+                 sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
+                 monitor: str | None = None, eval_batch_size: int = 1024) -> None:
+        if loss not in ("bpr", "softmax"):
+            raise ConfigError(f"task.loss must be 'bpr' or 'softmax', got {loss!r}")
+        if sampler not in ("uniform", "popularity"):
+            raise ConfigError(f"task.sampler must be 'uniform' or 'popularity', got {sampler!r}")
+        if int(n_negatives) < 1:
+            raise ConfigError(f"task.n_negatives must be at least 1, got {n_negatives}")
+        self.threshold = threshold
+        self.loss_name = loss
+        self.n_negatives = int(n_negatives)
+        self.sampler = sampler
+        self.reject_positives = bool(reject_positives)
+        self.ks = sorted(int(k) for k in ks)
+        if not self.ks or self.ks[0] < 1:
+            raise ConfigError(f"task.ks must be a list of positive integers, got {list(ks)}")
+        self.monitor = monitor or f"ndcg@{self.ks[0]}"
+        self.eval_batch_size = int(eval_batch_size)
+
+    def prepare_data(self, inter: Interactions) -> Interactions:
+        """Keep the positives and set every rating to 1."""
+        if self.threshold is not None:
+            inter = inter.subset(inter.ratings >= float(self.threshold))
+        return inter.__class__(**{**inter.__dict__, "ratings": torch.ones(len(inter))})
+
+    def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
+        self.n_items = train.n_items
+        self.generator = generator
+        counts = train.item_counts().to(device).double()
+        if self.sampler == "popularity":
+            prob = counts / counts.sum()
+        else:
+            prob = torch.full((self.n_items,), 1.0 / self.n_items, dtype=torch.float64, device=device)
+        self.cdf = torch.cumsum(prob, 0).float()
+        self.log_q = torch.log(prob.clamp(min=1e-12)).float()
+        keys = train.users.to(device) * self.n_items + train.items.to(device)
+        self.positive_keys = torch.sort(keys).values
+
+    def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        keys = users.unsqueeze(1) * self.n_items + items
+        pos = torch.searchsorted(self.positive_keys, keys).clamp(max=len(self.positive_keys) - 1)
+        return self.positive_keys[pos] == keys
+
+    def sample(self, users: torch.Tensor) -> torch.Tensor:
+        """``[B, n_negatives]`` item codes; known positives are redrawn (up to 3 tries)."""
+        shape = (len(users), self.n_negatives)
+
+        def draw(n):
+            u = torch.rand(n, generator=self.generator, device=self.cdf.device)
+            return torch.searchsorted(self.cdf, u).clamp(max=self.n_items - 1)
+
+        neg = draw(shape[0] * shape[1]).view(shape)
+        if self.reject_positives:
+            for _ in range(3):
+                bad = self._is_positive(users, neg)
+                if not bool(bad.any()):
+                    break
+                neg = torch.where(bad, draw(shape[0] * shape[1]).view(shape), neg)
+        return neg
+
+    def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
+        neg = self.sample(users)
+        u = model.user_side(users)
+        p = model.item_side(items)
+        n = model.item_side(neg.reshape(-1))
+        n = Side(None if n.vector is None else n.vector.view(*neg.shape, -1), n.bias.view(neg.shape),
+                 torch.as_tensor(n.penalty).reshape(-1))
+        pos_s, neg_s = pair_scores(model, u, p), pair_scores(model, u, n)
+        if self.loss_name == "bpr":
+            loss = losses.bpr(pos_s, neg_s)
+        else:
+            loss = losses.sampled_softmax(pos_s, neg_s, self.log_q[items], self.log_q[neg])
+        penalty = torch.as_tensor(u.penalty).mean() + torch.as_tensor(p.penalty).mean()
+        penalty = penalty + torch.as_tensor(n.penalty).mean() * self.n_negatives
+        return loss + penalty
+
+    def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int | None = None) -> dict:
+        candidates = train.known_items().cpu()
+        if getattr(model, "scores_unknown_items", False):
+            candidates = torch.ones_like(candidates)
+        return metrics.ranking_metrics(model, data, [train, *exclude], train, self.ks,
+                                       batch_size or self.eval_batch_size, candidates)

@@ -1,0 +1,176 @@
+"""The experiment: a pure ``train(cfg) -> metrics`` and the thin ``@hydra.main`` entry around it.
+
+Hydra and OmegaConf stay in this module and ``scripts/``; everything it calls is plain Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_torch.data.dataset import Dataset, encode
+from recsys_torch.errors import RecsysError
+from recsys_torch.io import atomic_json, save_checkpoint
+from recsys_torch.loggers import NullLogger
+from recsys_torch.metrics import unknown_counts
+
+log = logging.getLogger("recsys_torch")
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_data(cfg: DictConfig) -> Dataset:
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    duplicates = data_cfg.pop("duplicates", "last")
+    raw = instantiate(data_cfg, _convert_="all")
+    return encode(raw, duplicates=duplicates)
+
+
+def _logger_for(cfg: DictConfig, output_dir: str, fold: str | None):
+    if cfg.get("logger") is None or not cfg.logger.get("_target_"):
+        return NullLogger()
+    log_dir = os.path.join(output_dir, "tb", fold) if fold else os.path.join(output_dir, "tb")
+    return instantiate(cfg.logger, log_dir=log_dir)
+
+
+def _flat_hparams(cfg: DictConfig) -> dict:
+    out = {}
+    for group in ("model", "trainer", "split", "task"):
+        node = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
+        for key, value in node.items():
+            if key != "_target_" and not isinstance(value, (dict, list)):
+                out[f"{group}.{key}"] = value
+    out["seed"] = cfg.seed
+    return out
+
+
+def _aggregate(folds: list[dict]) -> dict:
+    """Mean over folds under the plain key and the standard deviation beside it."""
+    if len(folds) == 1:
+        return dict(folds[0])
+    out: dict = {}
+    for key in folds[0]:
+        values = [f[key] for f in folds if isinstance(f.get(key), (int, float))]
+        if len(values) != len(folds):
+            continue
+        t = torch.tensor(values, dtype=torch.float64)
+        out[key] = float(t.mean())
+        if key.startswith(("val/", "test/")):
+            out[f"{key}_std"] = float(t.std(unbiased=True)) if len(values) > 1 else 0.0
+    out["folds"] = folds
+    return out
+
+
+def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
+    """Run one experiment as configured; write ``metrics.json``, ``checkpoint.pt`` and TensorBoard
+    events into ``output_dir``; return the metrics."""
+    output_dir = output_dir or os.getcwd()
+    os.makedirs(output_dir, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    t_start = time.perf_counter()
+
+    dataset = load_data(cfg)
+    task = instantiate(cfg.task)
+    inter = task.prepare_data(dataset.interactions)
+    log.info("data %s: %s", dataset.name, inter.describe())
+    splits = instantiate(cfg.split, _partial_=True)(inter, seed=int(cfg.seed))
+
+    fold_metrics, first = [], None
+    for k, split in enumerate(splits):
+        fold = split.name if len(splits) > 1 else None
+        model = instantiate(
+            cfg.model, n_users=inter.n_users, n_items=inter.n_items,
+            item_features=dataset.item_features, user_features=dataset.user_features,
+        )
+        logger = _logger_for(cfg, output_dir, fold)
+        trainer = instantiate(cfg.trainer, seed=int(cfg.seed) + k, logger=logger)
+        fit = trainer.fit(model, split.train, split.val, task)
+        metrics: dict = {}
+        if len(split.val):
+            for key, value in task.evaluate(model, split.val, split.train).items():
+                metrics[f"val/{key}"] = value
+        for key, value in task.evaluate(model, split.test, split.train, exclude=[split.val]).items():
+            metrics[f"test/{key}"] = value
+        unknown = unknown_counts(split.train, split.test)
+        metrics.update(
+            fit_seconds=fit.fit_seconds,
+            train_ratings_per_second=fit.train_ratings_per_second,
+            best_epoch=fit.best_epoch,
+            n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+            n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
+        )
+        logger.hparams(_flat_hparams(cfg), {k2: v for k2, v in metrics.items() if "/" in k2})
+        logger.close()
+        fold_metrics.append(metrics)
+        if first is None:
+            first = (model, split)
+        log.info("%s: %s", split.name, ", ".join(f"{key}={value:.4f}" for key, value in metrics.items()
+                                                  if key.startswith("test/") and "@" not in key[5:] or key.endswith("@10")))
+
+    result = _aggregate(fold_metrics)
+    result["total_seconds"] = time.perf_counter() - t_start
+    model, split = first
+    save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, split.train, result)
+    atomic_json(os.path.join(output_dir, "metrics.json"), result)
+    return result
+
+
+def summary(metrics: dict, output_dir: str) -> str:
+    """The one-screen summary printed at the end of a run."""
+    lines = ["", "=" * 64, "recsys_torch run summary", "-" * 64]
+    keys = [k for k in metrics if k.startswith("test/") and not k.endswith("_std")]
+    for key in keys:
+        std = metrics.get(f"{key}_std")
+        value = metrics[key]
+        if isinstance(value, float) and not math.isnan(value):
+            lines.append(f"  {key:<28} {value:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+    if "folds" in metrics:
+        lines.append(f"  (mean ± std over {len(metrics['folds'])} folds)")
+    lines.append(f"  train / val / test ratings  {metrics['n_train']:.0f} / {metrics['n_val']:.0f} / {metrics['n_test']:.0f}")
+    lines.append(f"  unknown in test             {metrics['n_test_unknown_users']:.0f} users, "
+                 f"{metrics['n_test_unknown_items']:.0f} items")
+    lines.append(f"  fit time                    {metrics['fit_seconds']:.2f} s"
+                 + (" per fold" if "folds" in metrics else "")
+                 + f" ({metrics['train_ratings_per_second'] / 1e6:.2f} M ratings/s)")
+    lines.append(f"  outputs                     {output_dir}")
+    lines.append(f"  tensorboard                 tensorboard --logdir {os.path.join(output_dir, 'tb')}")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = train(cfg, output_dir)
+    except RecsysError as exc:
+        fail(str(exc))
+    print(summary(metrics, output_dir))
+    objective = cfg.get("optimized_metric")
+    if objective:
+        value = metrics.get(objective)
+        if value is None:
+            fail(f"optimized_metric {objective!r} is not among the metrics: {sorted(k for k in metrics if '/' in k)}")
+        return float(value)
+    return None
+
+
+if __name__ == "__main__":
+    main()
