@@ -16,6 +16,7 @@ from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError, TrainingError
 from recsys_torch.loggers import NullLogger
 from recsys_torch.models.base import FactorizationModel
+from recsys_torch.optim import RowAdagrad, RowAdam, RowSGD
 from recsys_torch.tasks import RatingTask
 
 log = logging.getLogger(__name__)
@@ -66,24 +67,23 @@ def _sparse_params(model: torch.nn.Module) -> set[int]:
 
 
 def build_optimizer(model: torch.nn.Module, name: str, lr: float) -> _Optimizers:
-    """``sgd`` and ``adagrad`` take sparse and dense gradients alike; ``adam`` / ``sparse_adam`` use
-    SparseAdam for sparse embedding tables (a step touches only the rows in the batch) and Adam for
-    the dense layers."""
+    """Sparse embedding tables get a row-wise optimizer (a step touches only the rows in the batch,
+    see :mod:`recsys_torch.optim`); dense layers get torch's own. ``sgd``, ``adam`` and ``adagrad``
+    name the update rule; ``sparse_adam`` uses torch's ``SparseAdam`` for the tables (the reference
+    implementation of the same rule as ``adam``, slower)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"trainer.optimizer must be one of {OPTIMIZERS}, got {name!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return _Optimizers([torch.optim.SGD(params, lr=lr)])
-    if name == "adagrad":
-        return _Optimizers([torch.optim.Adagrad(params, lr=lr)])
     sparse_ids = _sparse_params(model)
     sparse = [p for p in params if id(p) in sparse_ids]
     dense = [p for p in params if id(p) not in sparse_ids]
+    row_rule = {"sgd": RowSGD, "adam": RowAdam, "adagrad": RowAdagrad, "sparse_adam": torch.optim.SparseAdam}[name]
+    dense_rule = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}.get(name, torch.optim.Adam)
     opts = []
     if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
+        opts.append(row_rule(sparse, lr=lr))
     if dense:
-        opts.append(torch.optim.Adam(dense, lr=lr))
+        opts.append(dense_rule(dense, lr=lr))
     return _Optimizers(opts)
 
 

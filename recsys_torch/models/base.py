@@ -33,13 +33,16 @@ class FactorizationModel(nn.Module):
     :meth:`_known` and fall back to features or to zero.
     """
 
-    def __init__(self, n_users: int, n_items: int) -> None:
+    def __init__(self, n_users: int, n_items: int, reg_exponent: float = 0.0) -> None:
         super().__init__()
         self.n_users = int(n_users)
         self.n_items = int(n_items)
+        self.reg_exponent = float(reg_exponent)
         self.register_buffer("global_bias", torch.zeros(()))
         self.register_buffer("known_users", torch.ones(self.n_users, dtype=torch.bool))
         self.register_buffer("known_items", torch.ones(self.n_items, dtype=torch.bool))
+        self.register_buffer("user_reg_scale", torch.ones(self.n_users))
+        self.register_buffer("item_reg_scale", torch.ones(self.n_items))
 
     # ---- to implement -------------------------------------------------------------------------
     def user_side(self, users: torch.Tensor) -> Side:
@@ -60,6 +63,13 @@ class FactorizationModel(nn.Module):
         self.global_bias.fill_(float(train.ratings.double().mean()) if len(train) else 0.0)
         self.known_users.copy_(train.known_users().to(device))
         self.known_items.copy_(train.known_items().to(device))
+        # Per-example penalty weight count^-reg_exponent: 0 regularizes per rating (Funk SGD), 1 per
+        # entity (a fixed Gaussian prior on each row, which shrinks rarely seen ids much harder).
+        for scale, counts in ((self.user_reg_scale, train.user_counts()), (self.item_reg_scale, train.item_counts())):
+            scale.copy_(counts.to(device).clamp(min=1).double().pow(-self.reg_exponent).float())
+
+    def _reg_scale(self, side: str, ids: torch.Tensor) -> torch.Tensor:
+        return (self.user_reg_scale if side == "user" else self.item_reg_scale).index_select(0, ids)
 
     def _known(self, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return mask.index_select(0, ids).to(self.global_bias.dtype)

@@ -10,21 +10,22 @@ from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, i
 class BaselineModel(FactorizationModel):
     """Global mean plus regularized user and item biases (Surprise's BaselineOnly)."""
 
-    def __init__(self, n_users: int, n_items: int, reg_bias: float = 0.02, **_unused) -> None:
-        super().__init__(n_users, n_items)
+    def __init__(self, n_users: int, n_items: int, reg_bias: float = 0.02, reg_exponent: float = 0.0,
+                 **_unused) -> None:
+        super().__init__(n_users, n_items, reg_exponent)
         self.reg_bias = float(reg_bias)
         self.user_bias = bias_embedding(n_users)
         self.item_bias = bias_embedding(n_items)
 
-    def _bias_side(self, table, known, ids) -> Side:
+    def _bias_side(self, side, table, known, ids) -> Side:
         b = table(ids).squeeze(-1)
-        return Side(None, b * self._known(known, ids), self.reg_bias * b * b)
+        return Side(None, b * self._known(known, ids), self.reg_bias * self._reg_scale(side, ids) * b * b)
 
     def user_side(self, users):
-        return self._bias_side(self.user_bias, self.known_users, users)
+        return self._bias_side("user", self.user_bias, self.known_users, users)
 
     def item_side(self, items):
-        return self._bias_side(self.item_bias, self.known_items, items)
+        return self._bias_side("item", self.item_bias, self.known_items, items)
 
 
 class MFModel(FactorizationModel):
@@ -40,9 +41,10 @@ class MFModel(FactorizationModel):
         reg: float = 0.05,
         reg_bias: float = 0.01,
         init_std: float = 0.1,
+        reg_exponent: float = 0.0,
         **_unused,
     ) -> None:
-        super().__init__(n_users, n_items)
+        super().__init__(n_users, n_items, reg_exponent)
         self.embedding_dim = int(embedding_dim)
         self.reg = float(reg)
         self.reg_bias = float(reg_bias)
@@ -51,15 +53,15 @@ class MFModel(FactorizationModel):
         self.user_bias = bias_embedding(n_users)
         self.item_bias = bias_embedding(n_items)
 
-    def _side(self, factors, biases, known, ids) -> Side:
+    def _side(self, side, factors, biases, known, ids) -> Side:
         k = self._known(known, ids)
         v = factors(ids)
         b = biases(ids).squeeze(-1)
-        penalty = self.reg * (v * v).sum(-1) + self.reg_bias * b * b
+        penalty = self._reg_scale(side, ids) * (self.reg * (v * v).sum(-1) + self.reg_bias * b * b)
         return Side(v * k.unsqueeze(-1), b * k, penalty)
 
     def user_side(self, users):
-        return self._side(self.user_factors, self.user_bias, self.known_users, users)
+        return self._side("user", self.user_factors, self.user_bias, self.known_users, users)
 
     def item_side(self, items):
-        return self._side(self.item_factors, self.item_bias, self.known_items, items)
+        return self._side("item", self.item_factors, self.item_bias, self.known_items, items)
