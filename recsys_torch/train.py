@@ -147,6 +147,17 @@ def summary(metrics: dict, output_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _user_error(exc: BaseException) -> RecsysError | None:
+    """The RecsysError behind ``exc``, if any (Hydra's instantiate wraps what a target raises)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RecsysError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
@@ -160,8 +171,11 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(cfg, output_dir)
-    except RecsysError as exc:
-        fail(str(exc))
+    except Exception as exc:
+        user_error = _user_error(exc)
+        if user_error is None:
+            raise
+        fail(str(user_error))
     print(summary(metrics, output_dir))
     objective = cfg.get("optimized_metric")
     if objective:
