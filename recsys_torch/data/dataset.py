@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_torch.data.features import Features, build_features
+from recsys_torch.data.features import Features, build_features, id_strings
 from recsys_torch.data.interactions import Interactions
 from recsys_torch.data.raw import RawDataset
 from recsys_torch.errors import DataError
@@ -81,7 +81,8 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
             ts = pd.to_datetime(ratings["timestamp"], errors="coerce", utc=True)
             if ts.isna().any():
                 raise DataError(f"{name}: {int(ts.isna().sum())} timestamp(s) could not be read")
-            ts = ts.astype("int64") // 10**9
+            # pandas 3 may pick a microsecond (not nanosecond) unit: divide by a timedelta, not 10**9
+            ts = (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
         ratings = ratings.assign(timestamp=ts.astype(np.int64))
     return ratings
 
@@ -151,7 +152,7 @@ def encode(raw: RawDataset, duplicates: str = "last") -> Dataset:
         if raw.item_title:
             if raw.item_title not in raw.items.columns:
                 raise DataError(f"{raw.name}: item table has no title column {raw.item_title!r}")
-            title_of = dict(zip(raw.items["item"].astype(str), raw.items[raw.item_title].astype(str)))
+            title_of = dict(zip(id_strings(raw.items["item"]), raw.items[raw.item_title].astype(str)))
             titles = [title_of.get(r, str(r)) for r in item_ids]
     if raw.users is not None:
         user_index = {r: i for i, r in enumerate(user_ids)}

@@ -73,6 +73,16 @@ def parse_spec(kind: str, column: str) -> tuple[str, str | None]:
     )
 
 
+def id_strings(values: pd.Series) -> pd.Series:
+    """Raw ids as the strings ``encode`` keys entities by. A csv column of integer ids with an empty
+    cell is read as floats, and "10.0" must still find the ratings' "10"."""
+    if pd.api.types.is_float_dtype(values):
+        whole = values.dropna()
+        if (whole == whole.round()).all():
+            values = values.astype("Int64")
+    return values.astype(str)
+
+
 def build_features(
     table: pd.DataFrame,
     id_column: str,
@@ -91,12 +101,12 @@ def build_features(
     missing = [c for c in spec if c not in table.columns]
     if missing:
         raise DataError(f"{what} feature table has no column(s) {missing} (columns: {list(table.columns)})")
-    raw = table[id_column].astype(str)
-    code = raw.map(codes)
+    code = id_strings(table[id_column]).map(codes)
     known = code.notna().to_numpy()
     n_dropped = int((~known).sum())
-    table = table.loc[known].drop_duplicates(subset=[id_column], keep="last")
-    code = table[id_column].astype(str).map(codes).to_numpy(dtype=np.int64)
+    code = code[known].to_numpy(dtype=np.int64)
+    last = ~pd.Series(code).duplicated(keep="last").to_numpy()  # a repeated row: the last one wins
+    table, code = table.loc[known].loc[last], code[last]
 
     vocab = [PAD]
     ent_parts, fid_parts, w_parts = [], [], []
