@@ -1,0 +1,113 @@
+"""Hybrid factorization: id embeddings fused with feature towers on both sides, optionally with the
+SVD++ implicit-feedback term."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from recsys_torch.data.features import Features
+from recsys_torch.data.interactions import Interactions
+from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
+from recsys_torch.models.layers import FeatureTower, Fusion, ImplicitFeedback, as_features
+
+
+class HybridModel(FactorizationModel):
+    """``user_vector = fuse(P[u], g(user features)) [+ |N(u)|^-1/2 sum_j y_j]``,
+    ``item_vector = fuse(Q[i], f(item features))``, biases likewise (see :class:`.layers.Fusion`).
+
+    A side without features (none in the data, or ``use_*_features=false``) is its id part alone, so
+    with no features at all this is biased MF (plus SVD++ with ``implicit``). An id unseen in training
+    has its id vector and id bias masked: it is scored from its features.
+
+    ``id_dropout``: during training, each example's user and item id parts are dropped (as if unseen)
+    with this probability, so the feature towers also learn to score on their own, as they must for
+    cold entities (DropoutNet). ``reg`` weighs the squared norms of the id and feature rows used,
+    ``reg_bias`` the biases, ``reg_implicit`` the ``y_j`` rows.
+    """
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        item_features: Features | None = None,
+        user_features: Features | None = None,
+        embedding_dim: int = 64,
+        fusion: str = "sum",
+        hidden: Sequence[int] = (),
+        implicit: bool = False,
+        use_item_features: bool = True,
+        use_user_features: bool = True,
+        id_dropout: float = 0.0,
+        reg: float = 0.05,
+        reg_bias: float = 0.01,
+        reg_features: float | None = None,
+        reg_implicit: float | None = None,
+        init_std: float = 0.1,
+        reg_exponent: float = 0.0,
+        **_unused,
+    ) -> None:
+        super().__init__(n_users, n_items, reg_exponent)
+        item_features, user_features = as_features(item_features), as_features(user_features)
+        self.embedding_dim = d = int(embedding_dim)
+        self.reg = float(reg)
+        self.reg_bias = float(reg_bias)
+        self.id_dropout = float(id_dropout)
+        reg_features = self.reg if reg_features is None else float(reg_features)
+        self.user_factors = id_embedding(n_users, d, init_std)
+        self.item_factors = id_embedding(n_items, d, init_std)
+        self.user_bias = bias_embedding(n_users)
+        self.item_bias = bias_embedding(n_items)
+        self.item_tower = self.user_tower = self.item_fusion = self.user_fusion = None
+        if item_features is not None and use_item_features:
+            self.item_tower = FeatureTower(item_features, d, hidden, reg_features, reg_bias, init_std)
+            self.item_fusion = Fusion(fusion, d)
+        if user_features is not None and use_user_features:
+            self.user_tower = FeatureTower(user_features, d, hidden, reg_features, reg_bias, init_std)
+            self.user_fusion = Fusion(fusion, d)
+        self.implicit = None
+        if implicit:
+            reg_implicit = self.reg if reg_implicit is None else float(reg_implicit)
+            self.implicit = ImplicitFeedback(n_users, n_items, d, reg_implicit, init_std=0.01)
+
+    @property
+    def scores_unknown_items(self) -> bool:
+        return self.item_tower is not None
+
+    @torch.no_grad()
+    def prepare(self, train: Interactions) -> None:
+        super().prepare(train)
+        if self.implicit is not None:
+            self.implicit.set_items(train.users, train.items)
+
+    def _id_weight(self, known: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """0/1 per example: is the id part used? Unknown ids never; known ones but for id dropout."""
+        k = self._known(known, ids)
+        if self.training and self.id_dropout > 0:
+            k = k * (torch.rand(k.shape, device=k.device) >= self.id_dropout).to(k.dtype)
+        return k
+
+    def _side(self, side: str, ids, k, factors, biases, tower, fusion) -> Side:
+        v = factors(ids)
+        b = biases(ids).squeeze(-1)
+        # only the id rows a prediction used are pulled towards zero
+        penalty = k * self._reg_scale(side, ids) * (self.reg * (v * v).sum(-1) + self.reg_bias * b * b)
+        if tower is None:
+            return Side(v * k.unsqueeze(-1), b * k, penalty)
+        f, fb, fp = tower(ids)
+        vector, bias = fusion(v, b, f, fb, k)
+        return Side(vector, bias, penalty + fp)
+
+    def user_side(self, users: torch.Tensor) -> Side:
+        k = self._id_weight(self.known_users, users)
+        s = self._side("user", users, k, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
+        if self.implicit is None:
+            return s
+        # a user dropped for id dropout is treated as new: no rating history either
+        y, yp = self.implicit(users)
+        return Side(s.vector + y * k.unsqueeze(-1), s.bias, s.penalty + yp * k)
+
+    def item_side(self, items: torch.Tensor) -> Side:
+        k = self._id_weight(self.known_items, items)
+        return self._side("item", items, k, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)

@@ -1,0 +1,196 @@
+"""Layers shared by the content and hybrid models: the feature tower, id/feature fusion and the
+SVD++ implicit-feedback term.
+
+Each returns, per entity of a batch, a vector, a bias (where it has one) and the per-example L2
+penalty of the parameters it used, so models can hand them straight to :class:`~.base.Side`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from recsys_torch.data.features import Features
+from recsys_torch.errors import ConfigError
+
+FUSIONS = ("sum", "gated", "concat")
+
+
+def as_features(obj) -> Features | None:
+    """``obj`` as :class:`Features`. Hydra's ``instantiate`` turns a dataclass passed as a keyword
+    into a config node with the same fields; rebuild the dataclass from them."""
+    if obj is None or isinstance(obj, Features):
+        return obj
+    return Features(index=obj.index, weight=obj.weight, dense=obj.dense, vocab=list(obj.vocab),
+                    dense_names=list(obj.dense_names), present=obj.present)
+
+
+class FeatureTower(nn.Module):
+    """Feature bag of an entity -> ``(vector [B, d], bias [B], penalty [B])``.
+
+    Categorical and multi-valued features go through ``nn.EmbeddingBag(mode="sum")`` with the bag's
+    weights (a multi-valued column sums to one per entity), numeric columns through a linear layer; an
+    optional MLP (``hidden`` sizes, ReLU) maps the sum to the output. A second, one-dimensional bag
+    (plus a linear term on the numeric columns) gives the entity a bias from its features, so an
+    entity never seen in training still gets its own predicted offset.
+
+    The feature tables are dense parameters (a feature vocabulary is small next to the id tables, and
+    most features occur in most batches); the penalty is ``reg`` times the bag-weighted squared norms
+    of the feature rows used, plus ``reg`` times the squared weights of the dense layers (every
+    example uses them), ``reg_bias`` likewise for the bias terms.
+    """
+
+    def __init__(self, features: Features, dim: int, hidden: Sequence[int] = (), reg: float = 0.0,
+                 reg_bias: float = 0.0, init_std: float = 0.1) -> None:
+        super().__init__()
+        # Not saved: a checkpoint rebuilds the model from the Features it stores beside the weights.
+        self.register_buffer("index", features.index.long(), persistent=False)
+        self.register_buffer("weight", features.weight.float(), persistent=False)
+        self.register_buffer("dense", features.dense.float(), persistent=False)
+        self.dim = int(dim)
+        self.reg = float(reg)
+        self.reg_bias = float(reg_bias)
+        n_vocab, n_dense = features.n_vocab, features.n_dense
+        self.bag = nn.EmbeddingBag(n_vocab, self.dim, mode="sum", padding_idx=0)
+        self.bias_bag = nn.EmbeddingBag(n_vocab, 1, mode="sum", padding_idx=0)
+        with torch.no_grad():
+            nn.init.normal_(self.bag.weight, 0.0, init_std)
+            self.bag.weight[0].zero_()
+            self.bias_bag.weight.zero_()
+        self.numeric = nn.Linear(n_dense, self.dim, bias=False) if n_dense else None
+        self.numeric_bias = nn.Linear(n_dense, 1, bias=False) if n_dense else None
+        if self.numeric is not None:
+            nn.init.normal_(self.numeric.weight, 0.0, init_std)
+            nn.init.zeros_(self.numeric_bias.weight)
+        layers: list[nn.Module] = []
+        width = self.dim
+        for h in hidden or ():
+            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            width = int(h)
+        if layers:
+            layers.append(nn.Linear(width, self.dim))
+        self.mlp = nn.Sequential(*layers) if layers else None
+
+    def _dense_penalty(self) -> torch.Tensor:
+        """Squared weights of the layers every example goes through (a scalar)."""
+        total = self.bag.weight.new_zeros(())
+        if self.numeric is not None:
+            total = total + self.reg * self.numeric.weight.pow(2).sum()
+            total = total + self.reg_bias * self.numeric_bias.weight.pow(2).sum()
+        if self.mlp is not None:
+            for layer in self.mlp:
+                if isinstance(layer, nn.Linear):
+                    total = total + self.reg * layer.weight.pow(2).sum()
+        return total
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = self.index.index_select(0, ids)
+        weight = self.weight.index_select(0, ids)
+        vector = self.bag(index, per_sample_weights=weight)
+        bias = self.bias_bag(index, per_sample_weights=weight).squeeze(-1)
+        if self.numeric is not None:
+            dense = self.dense.index_select(0, ids)
+            vector = vector + self.numeric(dense)
+            bias = bias + self.numeric_bias(dense).squeeze(-1)
+        if self.mlp is not None:
+            vector = self.mlp(vector)
+        row_sq = self.bag.weight.pow(2).sum(1)
+        penalty = self.reg * (row_sq[index] * weight).sum(1)
+        penalty = penalty + self.reg_bias * (self.bias_bag.weight.squeeze(1).pow(2)[index] * weight).sum(1)
+        return vector, bias, penalty + self._dense_penalty()
+
+
+class Fusion(nn.Module):
+    """Combines an entity's id part and feature part into one vector and one bias.
+
+    ``known`` (0/1 per entity) masks the id part: an id unseen in training contributes nothing, and
+    the result is the feature part alone.
+
+    * ``sum``: ``id + feat`` (LightFM).
+    * ``gated``: ``g * id + (1 - g) * feat`` with ``g = known * sigmoid(w . [id, feat] + c)``, one
+      learned weight per entity, computed from its own two vectors, so an uninformative feature can
+      be switched off for entities whose id vector is good; the biases are mixed by the same ``g``.
+    * ``concat``: ``W [id, feat]`` (a linear projection of the concatenation); biases add.
+    """
+
+    def __init__(self, kind: str, dim: int) -> None:
+        super().__init__()
+        if kind not in FUSIONS:
+            raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {kind!r}")
+        self.kind = kind
+        self.gate = nn.Linear(2 * dim, 1) if kind == "gated" else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)  # start halfway: both parts get gradient
+        self.project = nn.Linear(2 * dim, dim, bias=False) if kind == "concat" else None
+        if self.project is not None:
+            with torch.no_grad():  # start as the sum, so concat begins where sum does
+                self.project.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], 1))
+
+    def gate_of(self, id_vec: torch.Tensor, feat_vec: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The id part's weight per entity ``[B]`` (gated fusion only); zero where ``known`` is 0."""
+        return torch.sigmoid(self.gate(torch.cat([id_vec, feat_vec], -1))).squeeze(-1) * known
+
+    def forward(self, id_vec, id_bias, feat_vec, feat_bias, known):
+        id_vec = id_vec * known.unsqueeze(-1)
+        id_bias = id_bias * known
+        if self.kind == "sum":
+            return id_vec + feat_vec, id_bias + feat_bias
+        if self.kind == "concat":
+            return self.project(torch.cat([id_vec, feat_vec], -1)), id_bias + feat_bias
+        g = self.gate_of(id_vec, feat_vec, known)
+        vec = g.unsqueeze(-1) * id_vec + (1 - g).unsqueeze(-1) * feat_vec
+        return vec, g * id_bias + (1 - g) * feat_bias
+
+
+class ImplicitFeedback(nn.Module):
+    """The SVD++ term ``|N(u)|^-1/2 * sum_{j in N(u)} y_j`` over the items each user rated in training.
+
+    :meth:`set_items` stores the training items per user as CSR (``indptr``, ``indices``); a batch
+    gathers the rows of its distinct users in one vectorized step and sums them per user with
+    ``index_add_`` (one gather serves both the sum and the penalty on the rows, which an
+    ``EmbeddingBag`` could not give). The penalty is ``reg`` times the mean squared norm of the
+    user's ``y_j`` rows. The CSR buffers are saved with the weights and resized on load.
+    """
+
+    def __init__(self, n_users: int, n_items: int, dim: int, reg: float = 0.0, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.n_users = int(n_users)
+        self.reg = float(reg)
+        self.y = nn.Embedding(n_items, dim, sparse=True)
+        nn.init.normal_(self.y.weight, 0.0, init_std)
+        self.register_buffer("indptr", torch.zeros(self.n_users + 1, dtype=torch.long))
+        self.register_buffer("indices", torch.zeros(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def set_items(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        device = self.indptr.device
+        users, items = users.to(device).long(), items.to(device).long()
+        order = torch.argsort(users, stable=True)
+        counts = torch.bincount(users, minlength=self.n_users)
+        self.indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.indices = items[order]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the CSR's length depends on the training data, not on the constructor's arguments
+        key = prefix + "indices"
+        if key in state_dict:
+            self.indices = torch.empty_like(state_dict[key], device=self.indptr.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uniq, inverse = torch.unique(users, return_inverse=True)
+        starts = self.indptr.index_select(0, uniq)
+        lengths = self.indptr.index_select(0, uniq + 1) - starts
+        owner = torch.repeat_interleave(torch.arange(len(uniq), device=users.device), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(owner.numel(), device=users.device) - first.index_select(0, owner)
+        rows = self.y(self.indices.index_select(0, starts.index_select(0, owner) + pos))
+        n = lengths.clamp(min=1).to(rows.dtype)
+        summed = rows.new_zeros(len(uniq), rows.shape[1]).index_add_(0, owner, rows)
+        sq = rows.new_zeros(len(uniq)).index_add_(0, owner, rows.pow(2).sum(1))
+        vector = summed * n.rsqrt().unsqueeze(-1)
+        penalty = self.reg * sq / n
+        return vector.index_select(0, inverse), penalty.index_select(0, inverse)

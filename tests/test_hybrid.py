@@ -1,0 +1,323 @@
+"""Content-based and hybrid models: cold-entity masking, fusion, the SVD++ term, feature-less entities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_torch.data import encode
+from recsys_torch.data.features import Features
+from recsys_torch.data.interactions import Interactions
+from recsys_torch.errors import ConfigError
+from recsys_torch.metrics import rating_metrics
+from recsys_torch.models import ContentModel, HybridModel
+from recsys_torch.splits import random_split
+from recsys_torch.trainer import Trainer
+
+from conftest import make_inter
+
+N_USERS, N_ITEMS = 6, 8
+
+# every model variant the tests below run through
+VARIANTS = {
+    "content": (ContentModel, {}),
+    "content_id_user": (ContentModel, {"user_tower": "id"}),
+    "content_feature_user_mlp": (ContentModel, {"user_tower": "features", "hidden": [5]}),
+    "hybrid_sum": (HybridModel, {"fusion": "sum"}),
+    "hybrid_gated": (HybridModel, {"fusion": "gated"}),
+    "hybrid_concat": (HybridModel, {"fusion": "concat"}),
+    "hybrid_implicit_mlp": (HybridModel, {"fusion": "gated", "implicit": True, "hidden": [6]}),
+}
+
+
+def bag_features(n: int, n_vocab: int, width: int, n_dense: int, seed: int, absent=()) -> Features:
+    """Random feature bags; entities in ``absent`` have no feature row (empty bag, zero dense)."""
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randint(1, n_vocab, (n, width), generator=g)
+    index[:, -1] = 0  # some padding in every row
+    weight = (index > 0).float() * 0.5
+    dense = torch.randn(n, n_dense, generator=g)
+    present = torch.ones(n, dtype=torch.bool)
+    for e in absent:
+        index[e], weight[e], dense[e], present[e] = 0, 0.0, 0.0, False
+    vocab = ["<pad>"] + [f"f={v}" for v in range(1, n_vocab)]
+    return Features(index, weight, dense, vocab, [f"x{j}" for j in range(n_dense)], present)
+
+
+def item_feats(absent=()) -> Features:
+    return bag_features(N_ITEMS, 7, 3, 2, seed=1, absent=absent)
+
+
+def user_feats(absent=()) -> Features:
+    return bag_features(N_USERS, 5, 2, 1, seed=2, absent=absent)
+
+
+def full_train() -> Interactions:
+    """Every (user, item) pair but those of user 5 and item 7, with ratings from a seeded draw."""
+    pairs = [(u, i) for u in range(N_USERS - 1) for i in range(N_ITEMS - 1) if (u + i) % 3]
+    g = torch.Generator().manual_seed(0)
+    ratings = torch.randint(1, 6, (len(pairs),), generator=g).float()
+    users, items = zip(*pairs)
+    return make_inter(users, items, ratings, n_users=N_USERS, n_items=N_ITEMS)
+
+
+def build(name: str, item_features=None, user_features=None, **extra):
+    cls, kwargs = VARIANTS[name]
+    torch.manual_seed(0)
+    item_features = item_feats() if item_features is None else item_features
+    user_features = user_feats() if user_features is None else user_features
+    return cls(N_USERS, N_ITEMS, item_features=item_features, user_features=user_features,
+               embedding_dim=4, **{**kwargs, **extra})
+
+
+def all_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    u, i = torch.meshgrid(torch.arange(N_USERS), torch.arange(N_ITEMS), indexing="ij")
+    return u.reshape(-1), i.reshape(-1)
+
+
+def perturb_id_rows(model, user: int, item: int) -> None:
+    """Overwrite every id-indexed row (vectors and biases) of ``user`` and ``item``."""
+    with torch.no_grad():
+        for name, row in (("user_factors", user), ("user_bias", user), ("item_factors", item), ("item_bias", item)):
+            table = getattr(model, name, None)
+            if table is not None:
+                table.weight[row] += 3.0
+        if getattr(model, "implicit", None) is not None:
+            model.implicit.y.weight[item] += 3.0
+
+
+# ---- cold entities are scored from features only ---------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_unknown_ids_are_never_scored_with_id_rows(name):
+    model = build(name).eval()
+    model.prepare(full_train())  # user 5 and item 7 unknown
+    users, items = all_pairs()
+    before, table_before = model(users, items), model.score_all(torch.arange(N_USERS))
+    perturb_id_rows(model, user=5, item=7)
+    assert torch.allclose(model(users, items), before, atol=1e-6)
+    assert torch.allclose(model.score_all(torch.arange(N_USERS)), table_before, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_id_rows_of_known_entities_do_change_scores(name):
+    """The control for the test above: the same perturbation moves the scores of known ids, so that
+    test would fail if the masking were gone."""
+    model = build(name).eval()
+    model.prepare(full_train())
+    users, items = all_pairs()
+    before = model(users, items)
+    perturb_id_rows(model, user=0, item=0)
+    changed = (model(users, items) - before).abs() > 1e-4
+    assert changed[items == 0].any() and changed[users == 0].any()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "gated"])
+def test_unknown_entity_gets_exactly_its_feature_part(fusion):
+    model = HybridModel(N_USERS, N_ITEMS, item_feats(), user_feats(), embedding_dim=4, fusion=fusion).eval()
+    model.prepare(full_train())
+    ids = torch.tensor([7])
+    vec, bias, _ = model.item_tower(ids)
+    side = model.item_side(ids)
+    assert torch.allclose(side.vector, vec) and torch.allclose(side.bias, bias)
+    if fusion == "gated":
+        known_vec = model.item_side(torch.tensor([0])).vector
+        assert not torch.allclose(known_vec, model.item_tower(torch.tensor([0]))[0])
+
+
+def test_id_dropout_scores_training_examples_from_features():
+    model = HybridModel(N_USERS, N_ITEMS, item_feats(), None, embedding_dim=4, fusion="gated", id_dropout=1.0)
+    model.prepare(full_train())
+    ids = torch.arange(N_ITEMS - 1)
+    model.train()
+    assert torch.allclose(model.item_side(ids).vector, model.item_tower(ids)[0])
+    model.eval()  # no dropout at prediction time
+    assert not torch.allclose(model.item_side(ids).vector, model.item_tower(ids)[0])
+
+
+# ---- gated fusion ignores a pure-noise feature -----------------------------------------------------
+def _low_rank_with_noise_features(seed: int = 0, n_users=150, n_items=80, n_ratings=5000, n_cols=10, levels=3):
+    rng = np.random.default_rng(seed)
+    p, q = rng.normal(0, 0.7, (n_users, 4)), rng.normal(0, 0.7, (n_items, 4))
+    keys = rng.choice(n_users * n_items, n_ratings, replace=False)
+    u, i = keys // n_items, keys % n_items
+    r = 3.5 + (p[u] * q[i]).sum(1) + rng.normal(0, 0.3, n_ratings)
+    inter = make_inter(u, i, r, n_users=n_users, n_items=n_items, rating_scale=(-10.0, 20.0))
+    # n_cols categorical columns drawn independently of everything: pure noise
+    index = torch.as_tensor(rng.integers(0, levels, (n_items, n_cols)) + 1 + levels * np.arange(n_cols))
+    vocab = ["<pad>"] + [f"noise={v}" for v in range(levels * n_cols)]
+    feats = Features(index, torch.ones(n_items, n_cols), torch.zeros(n_items, 0), vocab, [],
+                     torch.ones(n_items, dtype=torch.bool))
+    return inter, feats
+
+
+def test_gated_fusion_learns_to_ignore_a_noise_feature_that_hurts_sum():
+    # (data seeds 0, 1 and 2 all pass with these margins; one is enough here)
+    inter, noise = _low_rank_with_noise_features(seed=0)
+    split = random_split(inter, seed=0, val=0.1, test=0.2)[0]
+    rmse, models = {}, {}
+    for fusion, feats in (("none", None), ("sum", noise), ("gated", noise)):
+        torch.manual_seed(0)
+        model = HybridModel(inter.n_users, inter.n_items, feats, None, embedding_dim=8,
+                            fusion="sum" if fusion == "none" else fusion, reg=0.02)
+        Trainer(epochs=60, batch_size=512, lr=0.02, patience=5, progress=False, seed=0).fit(model, split.train, split.val)
+        rmse[fusion], models[fusion] = rating_metrics(model, split.test)["rmse"], model
+    assert rmse["sum"] > rmse["none"] + 0.01  # the premise: the noise hurts sum fusion
+    assert rmse["gated"] < rmse["sum"] - 0.01
+    gated = models["gated"].eval()
+    with torch.no_grad():
+        ids = torch.arange(inter.n_items)
+        id_vec, feat_vec = gated.item_factors(ids), gated.item_tower(ids)[0]
+        g = gated.item_fusion.gate_of(id_vec, feat_vec, torch.ones(len(ids)))
+        id_part = (g.unsqueeze(1) * id_vec).norm(dim=1).mean()
+        feat_part = ((1 - g).unsqueeze(1) * feat_vec).norm(dim=1).mean()
+    assert feat_part < 0.1 * id_part
+
+
+# ---- the SVD++ implicit term ------------------------------------------------------------------------
+def test_implicit_term_matches_a_naive_per_user_sum():
+    rated = {0: [1, 2, 3], 1: [0], 2: [4, 1, 6, 2], 3: [], 4: [5, 5 - 5], 5: []}
+    users = [u for u, items in rated.items() for _ in items]
+    items = [i for u in rated for i in rated[u]]
+    train = make_inter(users, items, [4.0] * len(users), n_users=N_USERS, n_items=N_ITEMS)
+    torch.manual_seed(0)
+    model = HybridModel(N_USERS, N_ITEMS, None, None, embedding_dim=3, implicit=True, reg_implicit=0.3)
+    model.prepare(train)
+    batch = torch.tensor([2, 0, 3, 2, 4, 1, 5])
+    vector, penalty = model.implicit(batch)
+    y = model.implicit.y.weight.detach()
+    for row, u in enumerate(batch.tolist()):
+        js = rated[u]
+        expect = sum((y[j] for j in js), torch.zeros(3)) / math.sqrt(len(js)) if js else torch.zeros(3)
+        expect_pen = 0.3 * sum(float(y[j].pow(2).sum()) for j in js) / len(js) if js else 0.0
+        assert torch.allclose(vector[row], expect, atol=1e-6)
+        assert penalty[row].item() == pytest.approx(expect_pen, rel=1e-5, abs=1e-8)
+    # the user side adds it to the id vector (users 3 and 5 rated nothing: no id vector either)
+    model.eval()
+    known = torch.tensor([1.0, 1, 0, 1, 1, 1, 0]).unsqueeze(1)
+    assert torch.allclose(model.user_side(batch).vector, model.user_factors(batch) * known + vector, atol=1e-6)
+
+
+def test_implicit_index_survives_a_state_dict_round_trip():
+    model = build("hybrid_implicit_mlp").eval()
+    model.prepare(full_train())
+    fresh = build("hybrid_implicit_mlp").eval()  # CSR still empty: a different size
+    fresh.load_state_dict(model.state_dict())
+    users, items = all_pairs()
+    assert torch.equal(fresh(users, items), model(users, items))
+
+
+# ---- feature-less entities, missing feature tables --------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_entities_without_a_feature_row(name):
+    model = build(name, item_features=item_feats(absent=[0, 7]), user_features=user_feats(absent=[5]))
+    train = full_train()
+    Trainer(epochs=2, batch_size=8, lr=0.01, progress=False).fit(model, train)
+    users, items = all_pairs()
+    scores = model.eval()(users, items)
+    assert torch.isfinite(scores).all()
+    assert torch.isfinite(model.score_all(torch.arange(N_USERS))).all()
+    if not getattr(model.item_tower, "mlp", None):
+        # an unknown item with no features has nothing to go on: a zero vector and zero bias
+        side = model.item_side(torch.tensor([7]))
+        assert side.vector.abs().max() == 0 and side.bias.abs().max() == 0
+
+
+def test_content_needs_item_features():
+    with pytest.raises(ConfigError, match="item features"):
+        ContentModel(N_USERS, N_ITEMS, item_features=None, user_features=user_feats())
+    with pytest.raises(ConfigError, match="user features"):
+        ContentModel(N_USERS, N_ITEMS, item_features=item_feats(), user_features=None, user_tower="features")
+
+
+def test_hybrid_without_features_is_mf_and_ranks_known_items_only():
+    model = HybridModel(N_USERS, N_ITEMS, None, None, embedding_dim=4)
+    assert model.item_tower is None and model.user_tower is None
+    assert not model.scores_unknown_items
+    assert HybridModel(N_USERS, N_ITEMS, item_feats(), None).scores_unknown_items
+    model.eval().prepare(full_train())
+    # unknown item: global mean plus the known user's bias
+    side_u, side_i = model.user_side(torch.tensor([0])), model.item_side(torch.tensor([7]))
+    assert side_i.vector.abs().max() == 0 and side_i.bias.abs().max() == 0
+    assert model(torch.tensor([0]), torch.tensor([7])).item() == pytest.approx(
+        (model.global_bias + side_u.bias).item())
+
+
+def test_unknown_options_are_config_errors():
+    with pytest.raises(ConfigError, match="fusion"):
+        HybridModel(N_USERS, N_ITEMS, item_feats(), None, fusion="product")
+    with pytest.raises(ConfigError, match="user_tower"):
+        ContentModel(N_USERS, N_ITEMS, item_feats(), None, user_tower="ids")
+
+
+# ---- shapes, gradients, full ranking ----------------------------------------------------------------
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_shapes_batch_of_one_and_full_ranking(name):
+    model = build(name).eval()
+    model.prepare(full_train())
+    users, items = all_pairs()
+    scores, penalty = model.score_with_penalty(users, items)
+    assert scores.shape == (len(users),) and torch.as_tensor(penalty).shape == (len(users),)
+    one = model(torch.tensor([3]), torch.tensor([7]))
+    assert one.shape == (1,)
+    table = model.score_all(torch.arange(N_USERS))
+    assert table.shape == (N_USERS, N_ITEMS)
+    assert torch.allclose(table.reshape(-1), scores, atol=1e-5)
+    assert one.item() == pytest.approx(table[3, 7].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradients_reach_every_parameter(name):
+    model = build(name).train()
+    model.prepare(full_train())
+    users, items = all_pairs()
+    scores, penalty = model.score_with_penalty(users, items)
+    (scores.pow(2).mean() + penalty.mean()).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        assert grad.abs().sum() > 0, pname
+
+
+# ---- every hyperparameter is wired ------------------------------------------------------------------
+def _fit_predict(cls, dataset, **kwargs) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = cls(dataset.n_users, dataset.n_items, dataset.item_features, dataset.user_features, **kwargs)
+    inter = dataset.interactions
+    Trainer(epochs=2, batch_size=128, lr=0.01, progress=False, seed=0).fit(model, inter)
+    return model.eval()(inter.users, inter.items).detach()
+
+
+HYBRID_CHANGES = [{"embedding_dim": 8}, {"fusion": "gated"}, {"fusion": "concat"}, {"hidden": [8]},
+                  {"implicit": True}, {"use_item_features": False}, {"use_user_features": False},
+                  {"id_dropout": 0.5}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3},
+                  {"implicit": True, "reg_implicit": 5.0}]
+CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, {"user_tower": "features"},
+                   {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3}]
+
+
+@pytest.mark.parametrize("cls,changes", [(HybridModel, HYBRID_CHANGES), (ContentModel, CONTENT_CHANGES)])
+def test_every_hyperparameter_changes_the_model(tiny_raw, cls, changes):
+    dataset = encode(tiny_raw)
+    for change in changes:
+        base = {"embedding_dim": 4, **({"implicit": True} if "reg_implicit" in change else {})}
+        reference = _fit_predict(cls, dataset, **base)
+        changed = _fit_predict(cls, dataset, **{**base, **change})
+        assert not torch.allclose(reference, changed, atol=1e-5), change
+
+
+# ---- through the real configs -----------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [
+    ["model=content", "split=cold_item"],
+    ["model=hybrid", "split=cold_user", "model.fusion=gated", "model.implicit=true", "model.id_dropout=0.2"],
+    ["model=hybrid", "split=cold_item", "model.fusion=concat", "model.hidden=[8]"],
+])
+def test_cold_splits_end_to_end(compose, tmp_path, overrides):
+    from recsys_torch.train import train
+
+    metrics = train(compose(overrides), str(tmp_path))
+    assert math.isfinite(metrics["test/cold/rmse"]) and metrics["test/cold/rmse"] == metrics["test/rmse"]
+    assert metrics["n_test_unknown_items"] + metrics["n_test_unknown_users"] > 0
+    assert (tmp_path / "checkpoint.pt").exists()
