@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import tempfile
+import warnings
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,22 +18,56 @@ from recsys_torch.data.features import Features
 from recsys_torch.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "recsys_torch/1"
+TMP_PREFIX = ".tmp-"  # files of unfinished atomic writes
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic_write(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable: without it a power cut can still lose the new name."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Delete the temporary files of writes that a killed process never finished; their count."""
+    removed = 0
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(TMP_PREFIX):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
 
 
 def _json_safe(value):
@@ -77,15 +114,33 @@ def save_checkpoint(path: str, model, cfg: DictConfig | dict, dataset, train, me
     atomic_torch_save(path, state)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint safely; refuse anything that needs pickled code."""
+def safe_torch_load(path: str, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only. A file that
+    needs any other pickled object (a class, a function such as ``os.system``) is refused before that
+    object is built, so nothing in it runs."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError or RuntimeError variants
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        culprit = _UNSAFE_GLOBAL.search(str(exc))
+        named = f" (it asks for {culprit.group(1)})" if culprit else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled Python objects that a recsys_torch checkpoint "
+            f"never contains{named}; do not load it unless you trust where it came from"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zip errors... on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"refusing to load {path}: not a safe recsys_torch checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"cannot load {path}: not a readable checkpoint ({first[:200]})") from None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint safely; refuse anything that needs pickled code."""
+    state = safe_torch_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a recsys_torch checkpoint (format {CHECKPOINT_FORMAT})")
     return state

@@ -5,21 +5,25 @@ Hydra and OmegaConf stay in this module and ``scripts/``; everything it calls is
 
 from __future__ import annotations
 
-import json
+import glob
 import logging
 import math
 import os
+import re
+import signal
 import sys
 import time
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_torch.data.dataset import Dataset, encode
-from recsys_torch.errors import RecsysError
-from recsys_torch.io import atomic_json, save_checkpoint
+from recsys_torch.checkpointing import TrainingInterrupted
+from recsys_torch.errors import ConfigError, RecsysError
+from recsys_torch.io import atomic_json, remove_stale_temporaries, save_checkpoint
 from recsys_torch.loggers import NullLogger
 from recsys_torch.metrics import unknown_counts
 
@@ -70,11 +74,68 @@ def _aggregate(folds: list[dict]) -> dict:
     return out
 
 
+# Settings that change neither the numbers nor the saved state: a run may resume with other values.
+RESUME_FREE_KEYS = {"trainer": ("resume", "progress", "num_threads", "eval_batch_size"), "logger": None}
+
+
+def run_meta(cfg: DictConfig) -> dict:
+    """The resolved config a saved training state must match to be resumed."""
+    meta = OmegaConf.to_container(cfg, resolve=True)
+    for group, keys in RESUME_FREE_KEYS.items():
+        if keys is None:
+            meta.pop(group, None)
+        elif isinstance(meta.get(group), dict):
+            for key in keys:
+                meta[group].pop(key, None)
+    return meta
+
+
+def _prepare_run_folder(output_dir: str, resume: bool) -> None:
+    """Clear what killed runs leave behind; refuse to silently start over an unfinished run."""
+    os.makedirs(output_dir, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+    saved = sorted(glob.glob(os.path.join(output_dir, "last*.pt")))
+    if not saved or resume:
+        return
+    if os.path.exists(os.path.join(output_dir, "metrics.json")):  # a finished run, run again
+        for path in saved:
+            os.unlink(path)
+        return
+    names = ", ".join(os.path.basename(p) for p in saved)
+    raise ConfigError(
+        f"{output_dir} holds the saved state of an unfinished run ({names}): add trainer.resume=true to "
+        "continue it, or delete it or choose another hydra.run.dir to start over"
+    )
+
+
+def _fold_metrics(task, model, split, fit) -> dict:
+    metrics: dict = {}
+    if len(split.val):
+        for key, value in task.evaluate(model, split.val, split.train).items():
+            metrics[f"val/{key}"] = value
+    for key, value in task.evaluate(model, split.test, split.train, exclude=[split.val]).items():
+        metrics[f"test/{key}"] = value
+    unknown = unknown_counts(split.train, split.test)
+    metrics.update(
+        fit_seconds=fit.fit_seconds,
+        train_ratings_per_second=fit.train_ratings_per_second,
+        best_epoch=fit.best_epoch,
+        n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+        n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
+    )
+    return metrics
+
+
 def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     """Run one experiment as configured; write ``metrics.json``, ``checkpoint.pt`` and TensorBoard
-    events into ``output_dir``; return the metrics."""
+    events into ``output_dir``; return the metrics.
+
+    The training state of each fit is kept in ``last.pt`` (``last-<fold>.pt`` for k folds) and
+    ``trainer.resume=true`` continues a killed run from it; folds that had finished are not trained
+    again."""
     output_dir = output_dir or os.getcwd()
-    os.makedirs(output_dir, exist_ok=True)
+    resume = bool(cfg.trainer.get("resume", False))
+    _prepare_run_folder(output_dir, resume)
     torch.manual_seed(int(cfg.seed))
     t_start = time.perf_counter()
 
@@ -83,31 +144,25 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     inter = task.prepare_data(dataset.interactions)
     log.info("data %s: %s", dataset.name, inter.describe())
     splits = instantiate(cfg.split, _partial_=True)(inter, seed=int(cfg.seed))
+    meta = run_meta(cfg)
 
     fold_metrics, first = [], None
     for k, split in enumerate(splits):
         fold = split.name if len(splits) > 1 else None
+        # Each fold's initial weights come from its own seed, not from what earlier folds drew, so a
+        # resumed run that skips finished folds builds the same models.
+        torch.manual_seed(int(cfg.seed) + k)
         model = instantiate(
             cfg.model, n_users=inter.n_users, n_items=inter.n_items,
             item_features=dataset.item_features, user_features=dataset.user_features,
         )
         logger = _logger_for(cfg, output_dir, fold)
-        trainer = instantiate(cfg.trainer, seed=int(cfg.seed) + k, logger=logger)
+        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
+        # partial: Hydra would try to instantiate the _target_ entries inside the meta dict
+        trainer = instantiate(cfg.trainer, _partial_=True)(
+            seed=int(cfg.seed) + k, logger=logger, checkpoint_path=checkpoint, checkpoint_meta=meta)
         fit = trainer.fit(model, split.train, split.val, task)
-        metrics: dict = {}
-        if len(split.val):
-            for key, value in task.evaluate(model, split.val, split.train).items():
-                metrics[f"val/{key}"] = value
-        for key, value in task.evaluate(model, split.test, split.train, exclude=[split.val]).items():
-            metrics[f"test/{key}"] = value
-        unknown = unknown_counts(split.train, split.test)
-        metrics.update(
-            fit_seconds=fit.fit_seconds,
-            train_ratings_per_second=fit.train_ratings_per_second,
-            best_epoch=fit.best_epoch,
-            n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-            n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
-        )
+        metrics = _fold_metrics(task, model, split, fit)
         logger.hparams(_flat_hparams(cfg), {k2: v for k2, v in metrics.items() if "/" in k2})
         logger.close()
         fold_metrics.append(metrics)
@@ -117,6 +172,7 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
                                                   if key.startswith("test/") and "@" not in key[5:] or key.endswith("@10")))
 
     result = _aggregate(fold_metrics)
+    result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
     result["total_seconds"] = time.perf_counter() - t_start
     model, split = first
     save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, split.train, result)
@@ -158,10 +214,25 @@ def _user_error(exc: BaseException) -> RecsysError | None:
     return None
 
 
-def fail(message: str) -> None:
+def _instantiation_error(exc: BaseException) -> str | None:
+    """One line for a config value a component rejected (``model.embedding_dim=abc``), which Hydra
+    reports as an InstantiationException over several lines. HYDRA_FULL_ERROR=1 keeps the traceback."""
+    if not isinstance(exc, InstantiationException) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    text = str(exc)
+    key = re.search(r"full_key: (\S+)", text)
+    target = re.search(r"target '([^']+)'", text)
+    cause = exc.__cause__
+    detail = f"{type(cause).__name__}: {cause}" if cause is not None else text.splitlines()[0]
+    where = key.group(1) if key else (target.group(1) if target else "config")
+    built = f" (building {target.group(1)})" if key and target else ""
+    return f"{where}: {' '.join(detail.split())}{built}"
+
+
+def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -171,11 +242,18 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(cfg, output_dir)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        fail("interrupted", 128 + signal.SIGINT)
     except Exception as exc:
         user_error = _user_error(exc)
-        if user_error is None:
+        if isinstance(user_error, TrainingInterrupted):
+            fail(str(user_error), 128 + user_error.signum)
+        if user_error is not None:
+            fail(str(user_error))
+        message = _instantiation_error(exc)
+        if message is None:
             raise
-        fail(str(user_error))
+        fail(message)
     print(summary(metrics, output_dir))
     objective = cfg.get("optimized_metric")
     if objective:

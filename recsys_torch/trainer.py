@@ -5,15 +5,19 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from recsys_torch.checkpointing import (
+    SignalGuard, TrainingInterrupted, load_state, rng_state, save_state, set_rng_state, signal_name,
+)
 from recsys_torch.data.interactions import Interactions
-from recsys_torch.errors import ConfigError, TrainingError
+from recsys_torch.errors import CheckpointError, ConfigError, TrainingError
 from recsys_torch.loggers import NullLogger
 from recsys_torch.models.base import FactorizationModel
 from recsys_torch.optim import RowAdagrad, RowAdam, RowSGD
@@ -113,6 +117,26 @@ class FitResult:
     stopped_early: bool = False
 
 
+@dataclass
+class _Progress:
+    """What the epoch loop carries from one epoch to the next (and ``last.pt`` across processes)."""
+
+    result: FitResult
+    epoch: int = 0  # epochs completed
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    prior_seconds: float = 0.0  # fit time spent by the processes before a resume
+    partial: dict | None = None  # where a signal stopped the next epoch (continued from there)
+
+
+def _number(name: str, value, kind):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"trainer.{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
 class Trainer:
     """Fits any :class:`FactorizationModel` for a task (``RatingTask`` by default).
 
@@ -120,6 +144,13 @@ class Trainer:
     Early stopping watches the task's validation metric (never test) with ``patience`` epochs and
     restores the best weights. Callbacks ``on_epoch_end(trainer, model, epoch, record)`` run after
     each epoch's validation.
+
+    With ``checkpoint_path`` the full training state is written there atomically after every epoch,
+    and on SIGINT/SIGTERM between two steps (then :class:`TrainingInterrupted` is raised); when
+    training ends it is replaced by the final weights and the fit result. ``resume=True`` continues
+    from that file when it exists: on the same device and thread count, the result is bit-for-bit
+    that of an uninterrupted fit. ``checkpoint_meta`` (e.g. the run's config) is stored in the file,
+    and a file with other meta is refused.
     """
 
     def __init__(
@@ -140,30 +171,37 @@ class Trainer:
         eval_batch_size: int = 65536,
         logger=None,
         callbacks: list[Callable] | None = None,
+        checkpoint_path: str | None = None,
+        resume: bool = False,
+        checkpoint_meta: dict | None = None,
     ) -> None:
-        if int(epochs) < 0:
+        self.epochs = _number("epochs", epochs, int)
+        self.batch_size = _number("batch_size", batch_size, int)
+        self.lr = _number("lr", lr, float)
+        if self.epochs < 0:
             raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
-        if int(batch_size) < 1:
+        if self.batch_size < 1:
             raise ConfigError(f"trainer.batch_size must be >= 1, got {batch_size}")
-        if not float(lr) > 0:
+        if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"trainer.lr must be > 0, got {lr}")
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
         self.optimizer_name = optimizer
         self.lr_schedule = lr_schedule
-        self.lr_gamma = float(lr_gamma)
-        self.lr_step_size = int(lr_step_size)
-        self.patience = None if patience is None or int(patience) <= 0 else int(patience)
-        self.min_delta = float(min_delta)
+        self.lr_gamma = _number("lr_gamma", lr_gamma, float)
+        self.lr_step_size = _number("lr_step_size", lr_step_size, int)
+        self.patience = None if patience is None or _number("patience", patience, int) <= 0 else int(patience)
+        self.min_delta = _number("min_delta", min_delta, float)
         self.device = resolve_device(device)
-        self.seed = int(seed)
-        self.num_threads = num_threads
+        self.seed = _number("seed", seed, int)
+        self.num_threads = None if num_threads is None else _number("num_threads", num_threads, int)
         self.progress = bool(progress)
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = _number("eval_batch_size", eval_batch_size, int)
         self.logger = logger or NullLogger()
         self.callbacks = list(callbacks or [])
+        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        self.resume = bool(resume)
+        self.checkpoint_meta = checkpoint_meta
         self.global_step = 0
+        self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
 
     def _improved(self, value: float, best: float, mode: str) -> bool:
         if math.isnan(best):
@@ -176,91 +214,232 @@ class Trainer:
         if self.num_threads:
             torch.set_num_threads(int(self.num_threads))
         torch.manual_seed(self.seed)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         model.to(self.device)
         model.prepare(train)
         data = train.to(self.device)  # moved once
-        task.setup(data, self.device, generator)
+        task.setup(data, self.device, self.generator)
         val = val if val is not None and len(val) > 0 else None
-        result = FitResult()
-        best_state = None
         t0 = time.perf_counter()
         if not model.trainable or self.epochs == 0:
-            result.fit_seconds = time.perf_counter() - t0
-            if val is not None:
-                record = {f"val/{k}": v for k, v in task.evaluate(model, val, train, batch_size=self.eval_batch_size).items()}
-                result.history.append(record)
-                result.best_metric = record.get(f"val/{task.monitor}", math.nan)
-            return result
+            return self._evaluate_only(model, train, val, task, t0)
 
         optimizer = build_optimizer(model, self.optimizer_name, self.lr)
         schedulers = build_schedulers(optimizer, self.lr_schedule, self.epochs, self.lr_gamma, self.lr_step_size)
-        n = len(data)
-        bad_epochs = 0
-        train_seconds = 0.0
-        for epoch in range(1, self.epochs + 1):
-            model.train()
-            e0 = time.perf_counter()
-            perm = torch.randperm(n, generator=generator, device=self.device)
-            users, items, ratings = (t.index_select(0, perm) for t in (data.users, data.items, data.ratings))
-            step_losses = []
-            bar = tqdm(range(0, n, self.batch_size), desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                       disable=not self.progress, unit="batch")
-            for b, start in enumerate(bar):
-                end = start + self.batch_size
-                loss = task.loss(model, users[start:end], items[start:end], ratings[start:end])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                step_losses.append(loss.detach())
-                if self.progress and b % 50 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")  # one sync every 50 steps
-            bar.close()
-            losses = torch.stack(step_losses).double().cpu()  # one sync per epoch
-            train_seconds += time.perf_counter() - e0
-            bad = ~torch.isfinite(losses)
-            if bool(bad.any()):
-                step = int(bad.nonzero()[0, 0]) + 1
-                raise TrainingError(
-                    f"the training loss became {float(losses[step - 1])} at epoch {epoch}, step {step}: "
-                    "lower trainer.lr or raise the regularization"
-                )
-            sizes = torch.full((len(losses),), float(self.batch_size), dtype=torch.float64)
-            sizes[-1] = n - self.batch_size * (len(losses) - 1)
-            epoch_loss = float((losses * sizes).sum() / n)  # per-example mean
-            for i, value in enumerate(losses.tolist()):
-                self.logger.scalar("train/loss_step", value, self.global_step + i + 1)
-            self.global_step += len(losses)
-            lr_now = optimizer.optimizers[0].param_groups[0]["lr"]
-            record = {"epoch": epoch, "train/loss": epoch_loss, "lr": lr_now}
-            self.logger.scalar("train/loss", epoch_loss, epoch)
-            self.logger.scalar("lr", lr_now, epoch)
-            for sch in schedulers:
-                sch.step()
-            if val is not None:
-                scores = task.evaluate(model, val, train, batch_size=self.eval_batch_size)
-                for key, value in scores.items():
-                    record[f"val/{key}"] = value
-                    self.logger.scalar(f"val/{key}", value, epoch)
-            result.history.append(record)
-            for callback in self.callbacks:
-                callback(self, model, epoch, record)
-            if val is None:
-                continue
-            value = record[f"val/{task.monitor}"]
-            if self._improved(value, result.best_metric, task.mode):
-                result.best_metric, result.best_epoch = value, epoch
-                best_state = copy.deepcopy(model.state_dict())
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-                if self.patience is not None and bad_epochs >= self.patience:
-                    log.info("early stop at epoch %d: best val/%s %.4f at epoch %d",
-                             epoch, task.monitor, result.best_metric, result.best_epoch)
-                    result.stopped_early = True
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        result.fit_seconds = time.perf_counter() - t0
-        result.train_ratings_per_second = n * len(result.history) / max(train_seconds, 1e-9)
+        run = _Progress(FitResult())
+        saved = self._saved_state()
+        if saved is not None and saved.get("finished"):
+            return self._restore_finished(saved, model)
+        if saved is not None:
+            self._restore(saved, run, model, optimizer, schedulers)
+        with SignalGuard(enabled=self.checkpoint_path is not None) as guard:
+            while run.epoch < self.epochs and not run.result.stopped_early:
+                self._epoch(run, model, task, optimizer, schedulers, data, train, val, guard)
+        if run.best_state is not None:
+            model.load_state_dict(run.best_state)
+        result = run.result
+        result.fit_seconds = run.prior_seconds + time.perf_counter() - t0
+        result.train_ratings_per_second = len(data) * len(result.history) / max(run.train_seconds, 1e-9)
+        if self.checkpoint_path:
+            save_state(self.checkpoint_path, {"meta": self.checkpoint_meta, "finished": True,
+                                              "model": _cpu_state(model), "result": asdict(result)})
         return result
+
+    def _evaluate_only(self, model, train, val, task, t0) -> FitResult:
+        result = FitResult(fit_seconds=time.perf_counter() - t0)
+        if val is not None:
+            record = {f"val/{k}": v for k, v in task.evaluate(model, val, train, batch_size=self.eval_batch_size).items()}
+            result.history.append(record)
+            result.best_metric = record.get(f"val/{task.monitor}", math.nan)
+        return result
+
+    # ---- one epoch -----------------------------------------------------------------------------------
+    def _epoch(self, run: _Progress, model, task, optimizer, schedulers, data, train, val, guard) -> None:
+        epoch = run.epoch + 1
+        model.train()
+        e0 = time.perf_counter()
+        partial, run.partial = run.partial, None
+        if partial is not None:  # replay this epoch's shuffle, then continue the generator mid-epoch
+            self.generator.set_state(partial["epoch_generator"])
+        epoch_generator = self.generator.get_state()
+        n = len(data)
+        perm = torch.randperm(n, generator=self.generator, device=self.device)
+        users, items, ratings = (t.index_select(0, perm) for t in (data.users, data.items, data.ratings))
+        first = 0
+        step_losses: list[torch.Tensor] = []
+        if partial is not None:
+            set_rng_state(partial["rng"], self.generator, self.device)
+            first = int(partial["step"])
+            step_losses = list(partial["losses"].to(self.device).unbind())
+        n_steps = -(-n // self.batch_size)
+        bar = tqdm(range(first, n_steps), desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                   disable=not self.progress, unit="batch", initial=first, total=n_steps)
+        for b in bar:
+            if guard.signum is not None:  # a plain attribute read: no device sync
+                bar.close()
+                run.train_seconds += time.perf_counter() - e0
+                self._interrupt(run, model, optimizer, schedulers, guard.signum, (epoch, b, n_steps),
+                                epoch_generator, step_losses)
+            start = b * self.batch_size
+            end = start + self.batch_size
+            loss = task.loss(model, users[start:end], items[start:end], ratings[start:end])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step_losses.append(loss.detach())
+            if self.progress and b % 50 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")  # one sync every 50 steps
+        bar.close()
+        losses = torch.stack(step_losses).double().cpu()  # one sync per epoch
+        run.train_seconds += time.perf_counter() - e0
+        self._check_finite(losses, epoch, run)
+        record = self._log_epoch(losses, n, epoch, optimizer)
+        for sch in schedulers:
+            sch.step()
+        if val is not None:
+            scores = task.evaluate(model, val, train, batch_size=self.eval_batch_size)
+            for key, value in scores.items():
+                record[f"val/{key}"] = value
+                self.logger.scalar(f"val/{key}", value, epoch)
+        run.result.history.append(record)
+        for callback in self.callbacks:
+            callback(self, model, epoch, record)
+        if val is not None:
+            self._track_best(run, model, record[f"val/{task.monitor}"], epoch, task)
+        run.epoch = epoch
+        if self.checkpoint_path:
+            self._save(run, model, optimizer, schedulers)
+        if guard.signum is not None:
+            raise TrainingInterrupted(self._interrupted_message(guard.signum, (epoch, None, None)), guard.signum)
+
+    def _check_finite(self, losses: torch.Tensor, epoch: int, run: _Progress) -> None:
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            step = int(bad.nonzero()[0, 0]) + 1
+            kept = ""
+            if self.checkpoint_path and run.epoch > 0:
+                kept = f" (the last good state, after epoch {run.epoch}, stays in {self.checkpoint_path})"
+            raise TrainingError(
+                f"the training loss became {float(losses[step - 1])} at epoch {epoch}, step {step}: "
+                f"lower trainer.lr or raise the regularization{kept}"
+            )
+
+    def _log_epoch(self, losses: torch.Tensor, n: int, epoch: int, optimizer) -> dict:
+        sizes = torch.full((len(losses),), float(self.batch_size), dtype=torch.float64)
+        sizes[-1] = n - self.batch_size * (len(losses) - 1)
+        epoch_loss = float((losses * sizes).sum() / n)  # per-example mean
+        for i, value in enumerate(losses.tolist()):
+            self.logger.scalar("train/loss_step", value, self.global_step + i + 1)
+        self.global_step += len(losses)
+        lr_now = optimizer.optimizers[0].param_groups[0]["lr"]
+        self.logger.scalar("train/loss", epoch_loss, epoch)
+        self.logger.scalar("lr", lr_now, epoch)
+        return {"epoch": epoch, "train/loss": epoch_loss, "lr": lr_now}
+
+    def _track_best(self, run: _Progress, model, value: float, epoch: int, task) -> None:
+        result = run.result
+        if self._improved(value, result.best_metric, task.mode):
+            result.best_metric, result.best_epoch = value, epoch
+            run.best_state = copy.deepcopy(model.state_dict())
+            run.bad_epochs = 0
+            return
+        run.bad_epochs += 1
+        if self.patience is not None and run.bad_epochs >= self.patience:
+            log.info("early stop at epoch %d: best val/%s %.4f at epoch %d",
+                     epoch, task.monitor, result.best_metric, result.best_epoch)
+            result.stopped_early = True
+
+    # ---- saving and resuming -------------------------------------------------------------------------
+    def _state(self, run: _Progress, model, optimizer, schedulers) -> dict:
+        result = run.result
+        return {
+            "meta": self.checkpoint_meta,
+            "finished": False,
+            "device": self.device.type,
+            "epoch": run.epoch,
+            "global_step": self.global_step,
+            "model": _cpu_state(model),
+            "optimizers": optimizer.state_dict(),
+            "schedulers": [sch.state_dict() for sch in schedulers],
+            "rng": rng_state(self.generator, self.device),
+            "best_state": run.best_state,
+            "best_metric": result.best_metric,
+            "best_epoch": result.best_epoch,
+            "bad_epochs": run.bad_epochs,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+            "train_seconds": run.train_seconds,
+            "fit_seconds": run.prior_seconds + run.train_seconds,
+            "partial": run.partial,
+        }
+
+    def _save(self, run: _Progress, model, optimizer, schedulers) -> None:
+        save_state(self.checkpoint_path, self._state(run, model, optimizer, schedulers))
+
+    def _interrupt(self, run, model, optimizer, schedulers, signum, where, epoch_generator, step_losses):
+        """Save the state between two steps (``where``: epoch, steps done, steps per epoch) and stop."""
+        epoch, step, _ = where
+        run.partial = {
+            "epoch": epoch,
+            "step": step,
+            "epoch_generator": epoch_generator,
+            "rng": rng_state(self.generator, self.device),
+            "losses": torch.stack(step_losses).cpu() if step_losses else torch.zeros(0),
+        }
+        self._save(run, model, optimizer, schedulers)
+        raise TrainingInterrupted(self._interrupted_message(signum, where), signum)
+
+    def _interrupted_message(self, signum: int, where: tuple) -> str:
+        epoch, step, n_steps = where
+        at = f"epoch {epoch} after step {step} of {n_steps}" if step is not None else f"the end of epoch {epoch}"
+        return (f"training stopped by {signal_name(signum)} at {at}; its state is saved in "
+                f"{self.checkpoint_path}: run again with trainer.resume=true (same run folder) to continue")
+
+    def _saved_state(self) -> dict | None:
+        if not (self.resume and self.checkpoint_path):
+            return None
+        if not os.path.exists(self.checkpoint_path):
+            log.warning("trainer.resume: no saved state in %s; starting from the beginning", self.checkpoint_path)
+            return None
+        return load_state(self.checkpoint_path, self.checkpoint_meta)
+
+    def _restore_finished(self, saved: dict, model) -> FitResult:
+        _load_into(self.checkpoint_path, model.load_state_dict, saved["model"])
+        log.info("resumed %s: training had finished; nothing to do", self.checkpoint_path)
+        return FitResult(**saved["result"])
+
+    def _restore(self, saved: dict, run: _Progress, model, optimizer, schedulers) -> None:
+        path = self.checkpoint_path
+        if saved.get("device") != self.device.type:
+            raise CheckpointError(f"{path} was saved on {saved.get('device')}, this run is on {self.device.type}: "
+                                  "resume on the same kind of device")
+        if len(saved["optimizers"]) != len(optimizer.optimizers) or len(saved["schedulers"]) != len(schedulers):
+            raise CheckpointError(f"{path} does not fit this model's optimizers or learning-rate schedule")
+        _load_into(path, model.load_state_dict, saved["model"])
+        _load_into(path, optimizer.load_state_dict, saved["optimizers"])
+        for sch, state in zip(schedulers, saved["schedulers"]):
+            _load_into(path, sch.load_state_dict, state)
+        set_rng_state(saved["rng"], self.generator, self.device)
+        self.global_step = int(saved["global_step"])
+        result = run.result
+        result.history = list(saved["history"])
+        result.best_metric, result.best_epoch = float(saved["best_metric"]), int(saved["best_epoch"])
+        result.stopped_early = bool(saved["stopped_early"])
+        run.epoch, run.bad_epochs = int(saved["epoch"]), int(saved["bad_epochs"])
+        run.best_state = saved["best_state"]
+        run.train_seconds, run.prior_seconds = float(saved["train_seconds"]), float(saved["fit_seconds"])
+        run.partial = saved["partial"]
+        at = f"epoch {run.partial['epoch']}, step {run.partial['step']}" if run.partial else f"the end of epoch {run.epoch}"
+        log.info("resuming from %s at %s", path, at)
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _load_into(path: str, load, state) -> None:
+    try:
+        load(state)
+    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} does not fit this model: {first[:200]}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from recsys_torch.data.raw import RawDataset
@@ -13,8 +14,10 @@ from recsys_torch.errors import DataError
 DEFAULT_COLUMNS = {"user": "user", "item": "item", "rating": "rating", "timestamp": None}
 
 
-def read_table(path: str | os.PathLike, sep: str | None = None, what: str = "ratings") -> pd.DataFrame:
-    """Read a csv, tsv or parquet file into a DataFrame; every failure is a one-line DataError."""
+def read_table(path: str | os.PathLike, sep: str | None = None, what: str = "ratings",
+               id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a csv, tsv or parquet file into a DataFrame; every failure is a one-line DataError.
+    ``id_columns`` are read as text (see :func:`_ids`)."""
     path = os.fspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise DataError(f"{what} file not found: {path}")
@@ -29,14 +32,38 @@ def read_table(path: str | os.PathLike, sep: str | None = None, what: str = "rat
         else:
             if sep is None:
                 sep = "\t" if lower.endswith((".tsv", ".tab")) else ("," if lower.endswith(".csv") else None)
-            frame = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c", skipinitialspace=True)
+            frame = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c", skipinitialspace=True,
+                                dtype={c: str for c in id_columns})
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot read {what} file {path}: {first}") from None
     if len(frame) == 0:
         raise DataError(f"{what} file has a header but no rows: {path}")
     frame.columns = [str(c).strip() for c in frame.columns]
+    for column in id_columns:
+        if column in frame.columns:
+            frame[column] = _ids(frame[column])
     return frame
+
+
+_PLAIN_INTEGER = r"0|-?[1-9][0-9]{0,17}"  # fits int64, and int(text) gives the text back
+
+
+def _ids(values: pd.Series) -> pd.Series:
+    """Raw ids, stripped of surrounding spaces ("alice " is "alice"; a blank cell is a missing id).
+    A column of plain integers becomes int64 so ids order numerically, unless that would change an
+    id: "007" stays "007" rather than becoming 7, and integers beyond int64 stay text."""
+    if not (pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values)):
+        return values  # typed already (parquet)
+    text = values.astype("str").str.strip()
+    text = text.mask(text == "")
+    if len(text) and text.notna().all() and text.str.fullmatch(_PLAIN_INTEGER).all():
+        return text.astype(np.int64)
+    return text
+
+
+def _id_names(mapping: Mapping[str, str | None]) -> tuple[str, ...]:
+    return tuple(c for c in (mapping.get("user"), mapping.get("item")) if c is not None)
 
 
 def _pick(frame: pd.DataFrame, mapping: Mapping[str, str | None], path: str, what: str) -> pd.DataFrame:
@@ -77,18 +104,18 @@ def csv(
     unknown = set(mapping) - set(DEFAULT_COLUMNS)
     if unknown:
         raise DataError(f"data.columns has unknown key(s) {sorted(unknown)}; use user, item, rating, timestamp")
-    frame = read_table(ratings, sep, "ratings")
+    frame = read_table(ratings, sep, "ratings", _id_names(mapping))
     picked = _pick(frame, mapping, ratings, "ratings")
 
     item_table = user_table = None
     if items:
-        table = read_table(items, None, "item")
+        table = read_table(items, None, "item", (item_id,))
         keep = {"item": item_id, **{c: c for c in (item_features or {})}}
         if item_title:
             keep["title"] = item_title
         item_table = _pick(table, keep, items, "item")
     if users:
-        table = read_table(users, None, "user")
+        table = read_table(users, None, "user", (user_id,))
         keep = {"user": user_id, **{c: c for c in (user_features or {})}}
         user_table = _pick(table, keep, users, "user")
     scale = tuple(float(x) for x in rating_scale) if rating_scale is not None else None
