@@ -1,0 +1,83 @@
+"""The compiled fast path computes the same steps as the pure PyTorch path."""
+
+import copy
+
+import pytest
+import torch
+
+from recsys_torch.data import Interactions
+from recsys_torch.models import MFModel
+from recsys_torch.tasks import RatingTask
+from recsys_torch.trainer import build_optimizer
+
+fused = pytest.importorskip("recsys_torch.fused")
+
+pytestmark = pytest.mark.skipif(fused.load_extension() is None, reason="no C++ toolchain for the fused kernel")
+
+
+def _data(n=3000, n_users=60, n_items=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, n_users, (n,), generator=g)
+    items = torch.randint(0, n_items, (n,), generator=g)
+    ratings = torch.randint(1, 6, (n,), generator=g).float()
+    return Interactions(users, items, ratings, n_users, n_items)
+
+
+def _pair(inter, **kw):
+    torch.manual_seed(0)
+    model = MFModel(inter.n_users, inter.n_items, embedding_dim=8, reg=0.3, reg_bias=0.2, reg_exponent=0.5, **kw)
+    model.prepare(inter)
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.01), ("sgd", 2.0)])
+def test_minibatch_step_matches_autograd(optimizer, lr):
+    inter = _data()
+    pure, fast = _pair(inter)
+    opt_pure = build_optimizer(pure, optimizer, lr)
+    opt_fast = fused.FusedMF(fast, optimizer, lr)
+    task = RatingTask()
+    for start in range(0, len(inter), 256):
+        sl = slice(start, start + 256)
+        loss = task.loss(pure, inter.users[sl], inter.items[sl], inter.ratings[sl])
+        opt_pure.zero_grad()
+        loss.backward()
+        opt_pure.step()
+        fast_loss = opt_fast.fused_step(inter.users[sl], inter.items[sl], inter.ratings[sl])
+        assert fast_loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    for a, b in zip(pure.parameters(), fast.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and they really trained
+    assert not torch.equal(pure.user_factors.weight, _pair(inter)[0].user_factors.weight)
+
+
+def test_online_sgd_matches_batch_of_one():
+    inter = _data(n=400)
+    pure, fast = _pair(inter)
+    opt = build_optimizer(pure, "sgd", 0.01)
+    task = RatingTask()
+    for k in range(len(inter)):
+        loss = task.loss(pure, inter.users[k:k + 1], inter.items[k:k + 1], inter.ratings[k:k + 1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    losses = torch.empty(len(inter))
+    fused.load_extension().mf_sgd_online(
+        fast.user_factors.weight.data, fast.item_factors.weight.data, fast.user_bias.weight.data,
+        fast.item_bias.weight.data, fast.user_reg_scale, fast.item_reg_scale,
+        inter.users, inter.items, inter.ratings, losses, float(fast.global_bias), fast.reg, fast.reg_bias, 0.01, 1)
+    for a, b in zip(pure.parameters(), fast.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_supports_only_exact_combinations():
+    from recsys_torch.models import BaselineModel
+    from recsys_torch.tasks import RankingTask
+
+    inter = _data(n=50)
+    model, _ = _pair(inter)
+    cpu = torch.device("cpu")
+    assert fused.supports(model, RatingTask(), "adam", cpu)
+    assert not fused.supports(model, RatingTask(), "adagrad", cpu)
+    assert not fused.supports(model, RankingTask(), "adam", cpu)
+    assert not fused.supports(BaselineModel(5, 5), RatingTask(), "adam", cpu)
