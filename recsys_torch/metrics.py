@@ -75,7 +75,8 @@ def rating_metrics(model: FactorizationModel, data: Interactions, train: Interac
         if bool(cold.any()):
             out["cold/rmse"], out["cold/mae"] = rmse(pred[cold], target[cold]), mae(pred[cold], target[cold])
             warm = ~cold
-            out["warm/rmse"], out["warm/mae"] = rmse(pred[warm], target[warm]), mae(pred[warm], target[warm])
+            if bool(warm.any()):  # a cold split may leave no warm rows: no NaN keys then
+                out["warm/rmse"], out["warm/mae"] = rmse(pred[warm], target[warm]), mae(pred[warm], target[warm])
     return out
 
 
@@ -152,6 +153,7 @@ def ranking_metrics(
     sums = {f"{m}@{k}": 0.0 for k in ks for m in RANKING_METRICS if m not in ("coverage", "avg_popularity")}
     recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
     pop_sum = {k: 0.0 for k in ks}
+    n_shown = {k: 0 for k in ks}
     discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
     for users in eval_users.split(batch_size):
         excl = None
@@ -178,11 +180,13 @@ def ranking_metrics(
             shown = top[:, :k][real[:, :k]]
             recommended[k][shown] = True
             pop_sum[k] += float(popularity[shown].sum())
+            n_shown[k] += len(shown)
     model.train(was_training)
     n_eval = max(len(eval_users), 1)
     out = {key: value / n_eval for key, value in sums.items()}
     for k in ks:
         out[f"coverage@{k}"] = float(recommended[k].sum()) / max(int(candidates.sum()), 1)
-        out[f"avg_popularity@{k}"] = pop_sum[k] / (n_eval * k)
+        # per item shown: a catalog smaller than k shows fewer than k items
+        out[f"avg_popularity@{k}"] = pop_sum[k] / max(n_shown[k], 1)
     out["n_users"] = float(len(eval_users))
     return out
