@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,11 @@ def _encode_ids(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), np.asarray(uniques, dtype=object)
 
 
+def _shown(value) -> str:
+    """A cell for a message: text quoted, numbers plain (numpy 2's repr would say np.float64(nan))."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, name: str) -> pd.DataFrame:
     for column in ("user", "item", "rating"):
         if column not in ratings.columns:
@@ -62,7 +68,7 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
         first = ratings.index[bad.to_numpy()][0]
         raise DataError(
             f"{name}: {int(bad.sum())} rating(s) are not finite numbers "
-            f"(first at row {first}: {ratings['rating'].loc[first]!r})"
+            f"(first at row {first}: {_shown(ratings['rating'].loc[first])})"
         )
     ratings = ratings.assign(rating=values.astype(np.float64))
     if scale is not None:
@@ -77,10 +83,16 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
     if "timestamp" in ratings.columns:
         ts = pd.to_numeric(ratings["timestamp"], errors="coerce")
         if ts.isna().any():
-            # ISO dates and the like
-            ts = pd.to_datetime(ratings["timestamp"], errors="coerce", utc=True)
+            numbers = ts
+            with warnings.catch_warnings():  # pandas warns on stderr when it guesses date formats
+                warnings.simplefilter("ignore")
+                ts = pd.to_datetime(ratings["timestamp"], errors="coerce", utc=True)  # ISO dates and the like
             if ts.isna().any():
-                raise DataError(f"{name}: {int(ts.isna().sum())} timestamp(s) could not be read")
+                # name the cells that the reading which understood most of the column could not read
+                bad = (numbers if numbers.notna().sum() >= ts.notna().sum() else ts).isna()
+                first = ratings.index[bad.to_numpy()][0]
+                raise DataError(f"{name}: {int(bad.sum())} timestamp(s) could not be read "
+                                f"(first at row {first}: {_shown(ratings['timestamp'].loc[first])})")
             # pandas 3 may pick a microsecond (not nanosecond) unit: divide by a timedelta, not 10**9
             ts = (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
         ratings = ratings.assign(timestamp=ts.astype(np.int64))
@@ -95,10 +107,10 @@ def _drop_duplicates(ratings: pd.DataFrame, policy: str, name: str) -> tuple[pd.
         return ratings, 0
     n_before = len(ratings)
     if policy == "error":
-        first = ratings.loc[dup].iloc[0]
+        user, item = (ratings.loc[dup, c].iloc[0] for c in ("user", "item"))  # a row would upcast ints
         raise DataError(
             f"{name}: {int(dup.sum())} rows repeat a (user, item) pair "
-            f"(e.g. user {first['user']!r}, item {first['item']!r})"
+            f"(e.g. user {_shown(user)}, item {_shown(item)})"
         )
     if policy == "mean":
         agg = {"rating": "mean"}
