@@ -54,9 +54,14 @@ class FusedMF(torch.optim.Optimizer):
     and gradients. Its ``param_groups`` / ``state`` mirror :class:`~recsys_torch.optim.RowAdam`, so
     learning-rate schedulers and checkpoints work unchanged."""
 
-    def __init__(self, model, optimizer: str = "adam", lr: float = 0.001, betas=(0.9, 0.999), eps: float = 1e-8):
+    fused = True
+
+    def __init__(self, model, optimizer: str = "adam", lr: float = 0.001, betas=(0.9, 0.999), eps: float = 1e-8,
+                 online: bool = False):
         self.model = model
         self.adam = optimizer == "adam"
+        # online: per-rating SGD over each chunk passed to fused_step (batch_size=1 semantics)
+        self.online = bool(online) and not self.adam
         self.tables = [model.user_factors.weight, model.item_factors.weight, model.user_bias.weight,
                        model.item_bias.weight]
         super().__init__(self.tables, {"lr": lr, "betas": tuple(betas), "eps": eps})
@@ -83,18 +88,27 @@ class FusedMF(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def fused_step(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> float:
+    def fused_step(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                   n_threads: int = 1) -> torch.Tensor:
+        """One minibatch step, or in online mode one SGD step per rating of the chunk (Hogwild over
+        ``n_threads`` threads when more than one); returns the mean loss as a 0-d tensor."""
         m = self.model
         group = self.param_groups[0]
+        if self.online:
+            losses = torch.empty(len(users))
+            self.ext.mf_sgd_online(*self.tables, m.user_reg_scale, m.item_reg_scale, users.contiguous(),
+                                   items.contiguous(), ratings.contiguous(), losses, float(m.global_bias),
+                                   m.reg, m.reg_bias, group["lr"], int(n_threads))
+            return losses.double().mean()
         moments = self._moments()
         step = self.state[self.tables[0]]["step"] if self.adam else 0
         beta1, beta2 = group["betas"]
-        return self.ext.mf_step(
+        return torch.tensor(self.ext.mf_step(
             *self.tables, *self.grads, moments, m.user_reg_scale, m.item_reg_scale,
             users.contiguous(), items.contiguous(), ratings.contiguous(),
             self.touched_users, self.touched_items,
             float(m.global_bias), m.reg, m.reg_bias, group["lr"], step, beta1, beta2, group["eps"],
-        )
+        ), dtype=torch.float64)
 
     def step(self, closure=None):  # the update happens inside fused_step
         return None

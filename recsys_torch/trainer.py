@@ -25,6 +25,7 @@ from recsys_torch.tasks import RatingTask
 
 log = logging.getLogger(__name__)
 
+ONLINE_CHUNK = 16384  # ratings per loop step (progress, loss logging, signal checks) in online SGD
 OPTIMIZERS = ("sgd", "adam", "sparse_adam", "adagrad")
 SCHEDULES = ("none", "cosine", "exponential", "step")
 
@@ -174,6 +175,7 @@ class Trainer:
         checkpoint_path: str | None = None,
         resume: bool = False,
         checkpoint_meta: dict | None = None,
+        fused: bool | str = "auto",
     ) -> None:
         self.epochs = _number("epochs", epochs, int)
         self.batch_size = _number("batch_size", batch_size, int)
@@ -200,6 +202,10 @@ class Trainer:
         self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
         self.resume = bool(resume)
         self.checkpoint_meta = checkpoint_meta
+        if fused not in (True, False, "auto"):
+            raise ConfigError(f"trainer.fused must be true, false or auto, got {fused!r}")
+        self.fused = fused
+        self.step_size = self.batch_size  # ratings per loop step; a chunk of ratings in online mode
         self.global_step = 0
         self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
 
@@ -224,7 +230,7 @@ class Trainer:
         if not model.trainable or self.epochs == 0:
             return self._evaluate_only(model, train, val, task, t0)
 
-        optimizer = build_optimizer(model, self.optimizer_name, self.lr)
+        optimizer = self._build_optimizer(model, task)
         schedulers = build_schedulers(optimizer, self.lr_schedule, self.epochs, self.lr_gamma, self.lr_step_size)
         run = _Progress(FitResult())
         saved = self._saved_state()
@@ -244,6 +250,37 @@ class Trainer:
             save_state(self.checkpoint_path, {"meta": self.checkpoint_meta, "finished": True,
                                               "model": _cpu_state(model), "result": asdict(result)})
         return result
+
+    def _build_optimizer(self, model, task) -> _Optimizers:
+        """torch's autograd path, or the compiled kernel of :mod:`recsys_torch.fused` when it computes
+        the same step (``fused=auto``) or when asked to (``fused=true``)."""
+        self.step_size = self.batch_size
+        if self.fused is False:
+            return build_optimizer(model, self.optimizer_name, self.lr)
+        from recsys_torch import fused
+
+        ok = fused.supports(model, task, self.optimizer_name, self.device) and fused.load_extension() is not None
+        if not ok:
+            if self.fused is True:
+                raise ConfigError("trainer.fused=true needs model=mf, task=rating, optimizer sgd or adam, a CPU "
+                                  "device and a C++ compiler; use trainer.fused=auto to fall back")
+            return build_optimizer(model, self.optimizer_name, self.lr)
+        optimizer = fused.FusedMF(model, self.optimizer_name, self.lr,
+                                   online=self.batch_size == 1 and self.optimizer_name == "sgd")
+        if optimizer.online:
+            self.step_size = ONLINE_CHUNK
+        return _Optimizers([optimizer])
+
+    def _step(self, optimizer: _Optimizers, model, task, users, items, ratings) -> torch.Tensor:
+        """One loop step: a minibatch (or, in online mode, a chunk of single-rating steps)."""
+        first = optimizer.optimizers[0]
+        if getattr(first, "fused", False):
+            return first.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
+        loss = task.loss(model, users, items, ratings)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
 
     def _evaluate_only(self, model, train, val, task, t0) -> FitResult:
         result = FitResult(fit_seconds=time.perf_counter() - t0)
@@ -271,7 +308,7 @@ class Trainer:
             set_rng_state(partial["rng"], self.generator, self.device)
             first = int(partial["step"])
             step_losses = list(partial["losses"].to(self.device).unbind())
-        n_steps = -(-n // self.batch_size)
+        n_steps = -(-n // self.step_size)
         bar = tqdm(range(first, n_steps), desc=f"epoch {epoch}/{self.epochs}", leave=False,
                    disable=not self.progress, unit="batch", initial=first, total=n_steps)
         for b in bar:
@@ -280,13 +317,10 @@ class Trainer:
                 run.train_seconds += time.perf_counter() - e0
                 self._interrupt(run, model, optimizer, schedulers, guard.signum, (epoch, b, n_steps),
                                 epoch_generator, step_losses)
-            start = b * self.batch_size
-            end = start + self.batch_size
-            loss = task.loss(model, users[start:end], items[start:end], ratings[start:end])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step_losses.append(loss.detach())
+            start = b * self.step_size
+            end = start + self.step_size
+            loss = self._step(optimizer, model, task, users[start:end], items[start:end], ratings[start:end])
+            step_losses.append(loss)
             if self.progress and b % 50 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")  # one sync every 50 steps
         bar.close()
@@ -325,8 +359,8 @@ class Trainer:
             )
 
     def _log_epoch(self, losses: torch.Tensor, n: int, epoch: int, optimizer) -> dict:
-        sizes = torch.full((len(losses),), float(self.batch_size), dtype=torch.float64)
-        sizes[-1] = n - self.batch_size * (len(losses) - 1)
+        sizes = torch.full((len(losses),), float(self.step_size), dtype=torch.float64)
+        sizes[-1] = n - self.step_size * (len(losses) - 1)
         epoch_loss = float((losses * sizes).sum() / n)  # per-example mean
         for i, value in enumerate(losses.tolist()):
             self.logger.scalar("train/loss_step", value, self.global_step + i + 1)

@@ -43,7 +43,7 @@ def test_minibatch_step_matches_autograd(optimizer, lr):
         opt_pure.zero_grad()
         loss.backward()
         opt_pure.step()
-        fast_loss = opt_fast.fused_step(inter.users[sl], inter.items[sl], inter.ratings[sl])
+        fast_loss = float(opt_fast.fused_step(inter.users[sl], inter.items[sl], inter.ratings[sl]))
         assert fast_loss == pytest.approx(float(loss.detach()), rel=1e-5)
     for a, b in zip(pure.parameters(), fast.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -81,3 +81,33 @@ def test_supports_only_exact_combinations():
     assert not fused.supports(model, RatingTask(), "adagrad", cpu)
     assert not fused.supports(model, RankingTask(), "adam", cpu)
     assert not fused.supports(BaselineModel(5, 5), RatingTask(), "adam", cpu)
+
+
+@pytest.mark.parametrize("optimizer,batch_size,lr", [("adam", 128, 0.01), ("sgd", 1, 0.01)])
+def test_trainer_fused_and_pure_paths_agree(optimizer, batch_size, lr):
+    from recsys_torch.trainer import Trainer
+
+    inter = _data(n=1500)
+    train, val = inter.subset(torch.arange(1200)), inter.subset(torch.arange(1200, 1500))
+    results = []
+    for flag in (False, True):
+        model, _ = _pair(inter)
+        trainer = Trainer(epochs=3, batch_size=batch_size, lr=lr, optimizer=optimizer, patience=0,
+                          progress=False, fused=flag, num_threads=1)
+        fit = trainer.fit(model, train, val)
+        results.append((model, fit))
+    (pure, fit_pure), (fast, fit_fast) = results
+    for a, b in zip(pure.parameters(), fast.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert [h["train/loss"] for h in fit_fast.history] == pytest.approx(
+        [h["train/loss"] for h in fit_pure.history], rel=1e-4)
+
+
+def test_fused_true_refuses_unsupported_combination():
+    from recsys_torch.errors import ConfigError
+    from recsys_torch.trainer import Trainer
+
+    inter = _data(n=200)
+    model, _ = _pair(inter)
+    with pytest.raises(ConfigError, match="fused"):
+        Trainer(epochs=1, optimizer="adagrad", fused=True, progress=False).fit(model, inter)

@@ -85,8 +85,9 @@ double mf_step(torch::Tensor P, torch::Tensor Q, torch::Tensor bu, torch::Tensor
     for (int64_t k = 0; k < d; ++k) { dot += p[k] * q[k]; pp += p[k] * p[k]; qq += q[k] * q[k]; }
     const float bu_v = tbu.w[u], bi_v = tbi.w[i];
     const float err = static_cast<float>(mu) + bu_v + bi_v + dot - r_ptr[b];
-    loss += static_cast<double>(err) * err +
-            su[u] * (regf * pp + regb * bu_v * bu_v) + si[i] * (regf * qq + regb * bi_v * bi_v);
+    // float32 terms, as the autograd path computes them (an overflow must show as inf there too)
+    const float term = err * err + su[u] * (regf * pp + regb * bu_v * bu_v) + si[i] * (regf * qq + regb * bi_v * bi_v);
+    loss += term;
     const float g = 2.f * err * inv_b;
     const float cu = 2.f * su[u] * inv_b, ci = 2.f * si[i] * inv_b;
     float* gp = tP.g + u * d;
