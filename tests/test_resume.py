@@ -81,29 +81,30 @@ def test_resume_after_a_crash_is_bit_exact(tiny_inter, tmp_path, kind, extra):
     assert_same_fit(reference, fit(tiny_inter, tmp_path / "last.pt", kind, resume=True, **extra))
 
 
-class SignalAt:
-    """A task that sends this process SIGTERM during its ``at``-th loss computation."""
+def sigterm_at_step(monkeypatch, call: int) -> None:
+    """Send this process SIGTERM during the ``call``-th training step, whichever step path (autograd
+    or the fused kernel) runs; wrapping the task instead would change which path runs."""
+    real_step = Trainer._step
+    calls = []
 
-    def __init__(self, inner, at: int) -> None:
-        self.inner, self.at, self.calls = inner, at, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def loss(self, *args):
-        self.calls += 1
-        if self.calls == self.at:
+    def step(self, *args):
+        calls.append(None)
+        if len(calls) == call:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.inner.loss(*args)
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", step)
 
 
 @pytest.mark.parametrize("kind", ["rating", "ranking"])
-def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_exact(tiny_inter, tmp_path, kind):
+def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_exact(tiny_inter, tmp_path, kind, monkeypatch):
     reference = fit(tiny_inter, tmp_path / "ref.pt", kind)
     path = tmp_path / "last.pt"
     steps = -(-int(0.8 * len(tiny_inter)) // 64)  # ranking keeps every rating (threshold None)
+    sigterm_at_step(monkeypatch, steps + 5)
     with pytest.raises(TrainingInterrupted, match=rf"SIGTERM at epoch 2 after step 5 of {steps}; .*trainer.resume=true") as info:
-        fit(tiny_inter, path, task=SignalAt(make_task(kind), steps + 5))
+        fit(tiny_inter, path, kind)
+    monkeypatch.undo()
     assert info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the handler back
     saved = load_state(str(path))

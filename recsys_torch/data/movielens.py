@@ -243,9 +243,12 @@ def _read_records(
 
 def _int_field(value: str, path: Path, line: int, what: str) -> int:
     try:
-        return int(value.strip())
+        number = int(value.strip())
     except ValueError:
         raise DataError(f"{path}: line {line}: {what} is not an integer: {value!r}") from None
+    if not -(2 ** 63) <= number < 2 ** 63:  # ids become int64 columns
+        raise DataError(f"{path}: line {line}: {what} is out of the 64-bit integer range: {value!r}")
+    return number
 
 
 def _header_of(path: Path, sep: str) -> list[str]:
@@ -343,6 +346,8 @@ def _read_ratings(
             raise fail(f"non-finite {name}")
         if name == "rating":
             out[name] = values
+        elif (np.abs(values) >= 2.0 ** 63).any():  # a cast would wrap around silently
+            raise fail(f"{name} out of the 64-bit integer range")
         elif column.dtype.kind in "iu":
             out[name] = column.to_numpy(dtype="int64")
         else:
