@@ -135,7 +135,10 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     again."""
     output_dir = output_dir or os.getcwd()
     resume = bool(cfg.trainer.get("resume", False))
-    _prepare_run_folder(output_dir, resume)
+    # under torchrun (trainer=ddp) every rank trains; rank 0 alone writes the run's outputs
+    main_rank = not cfg.trainer.get("distributed", False) or int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        _prepare_run_folder(output_dir, resume)
     torch.manual_seed(int(cfg.seed))
     t_start = time.perf_counter()
 
@@ -156,8 +159,8 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
             cfg.model, n_users=inter.n_users, n_items=inter.n_items,
             item_features=dataset.item_features, user_features=dataset.user_features,
         )
-        logger = _logger_for(cfg, output_dir, fold)
-        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
+        logger = _logger_for(cfg, output_dir, fold) if main_rank else NullLogger()
+        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt") if main_rank else None
         # partial: Hydra would try to instantiate the _target_ entries inside the meta dict
         trainer = instantiate(cfg.trainer, _partial_=True)(
             seed=int(cfg.seed) + k, logger=logger, checkpoint_path=checkpoint, checkpoint_meta=meta)
@@ -175,8 +178,9 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
     result["total_seconds"] = time.perf_counter() - t_start
     model, split = first
-    save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, split.train, result)
-    atomic_json(os.path.join(output_dir, "metrics.json"), result)
+    if main_rank:
+        save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, split.train, result)
+        atomic_json(os.path.join(output_dir, "metrics.json"), result)
     return result
 
 
@@ -254,7 +258,12 @@ def main(cfg: DictConfig) -> float | None:
         if message is None:
             raise
         fail(message)
-    print(summary(metrics, output_dir))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(metrics, output_dir))
+    if cfg.trainer.get("distributed", False):
+        from recsys_torch.distributed import teardown
+
+        teardown()
     objective = cfg.get("optimized_metric")
     if objective:
         value = metrics.get(objective)

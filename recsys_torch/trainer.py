@@ -176,6 +176,9 @@ class Trainer:
         resume: bool = False,
         checkpoint_meta: dict | None = None,
         fused: bool | str = "auto",
+        distributed: bool = False,
+        precision: str = "32",
+        data_on_device: bool = True,
     ) -> None:
         self.epochs = _number("epochs", epochs, int)
         self.batch_size = _number("batch_size", batch_size, int)
@@ -205,6 +208,12 @@ class Trainer:
         if fused not in (True, False, "auto"):
             raise ConfigError(f"trainer.fused must be true, false or auto, got {fused!r}")
         self.fused = fused
+        self.distributed = bool(distributed)
+        self.rank, self.world_size = 0, 1
+        if precision not in ("32", "bf16"):
+            raise ConfigError(f"trainer.precision must be '32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        self.data_on_device = bool(data_on_device)
         self.step_size = self.batch_size  # ratings per loop step; a chunk of ratings in online mode
         self.global_step = 0
         self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
@@ -222,9 +231,21 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         model.to(self.device)
+        if self.distributed:
+            from recsys_torch import distributed
+
+            self.rank, self.world_size = distributed.setup(self.device)
+            if self.rank != 0:  # rank 0 alone writes checkpoints
+                self.checkpoint_path = None
         model.prepare(train)
-        data = train.to(self.device)  # moved once
-        task.setup(data, self.device, self.generator)
+        if self.device.type == "cuda" and not self.data_on_device:
+            # ratings stay in pinned host memory; each batch is copied asynchronously
+            data = train.to("cpu")
+            data = data.__class__(**{**data.__dict__, "users": data.users.pin_memory(),
+                                     "items": data.items.pin_memory(), "ratings": data.ratings.pin_memory()})
+        else:
+            data = train.to(self.device)  # moved once
+        task.setup(data.to(self.device) if data.users.device != self.device else data, self.device, self.generator)
         val = val if val is not None and len(val) > 0 else None
         t0 = time.perf_counter()
         if not model.trainable or self.epochs == 0:
@@ -255,7 +276,7 @@ class Trainer:
         """torch's autograd path, or the compiled kernel of :mod:`recsys_torch.fused` when it computes
         the same step (``fused=auto``) or when asked to (``fused=true``)."""
         self.step_size = self.batch_size
-        if self.fused is False:
+        if self.fused is False or self.distributed:
             return build_optimizer(model, self.optimizer_name, self.lr)
         from recsys_torch import fused
 
@@ -276,11 +297,18 @@ class Trainer:
         first = optimizer.optimizers[0]
         if getattr(first, "fused", False):
             return first.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
-        loss = task.loss(model, users, items, ratings)
+        if users.device != self.device:  # pinned host data (data_on_device=false)
+            users, items, ratings = (t.to(self.device, non_blocking=True) for t in (users, items, ratings))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = task.loss(model, users, items, ratings)
         optimizer.zero_grad()
-        loss.backward()
+        loss.float().backward()
+        if self.world_size > 1:
+            from recsys_torch.distributed import sync_gradients
+
+            sync_gradients(model, self.world_size)
         optimizer.step()
-        return loss.detach()
+        return loss.detach().float()
 
     def _evaluate_only(self, model, train, val, task, t0) -> FitResult:
         result = FitResult(fit_seconds=time.perf_counter() - t0)
@@ -308,7 +336,8 @@ class Trainer:
             set_rng_state(partial["rng"], self.generator, self.device)
             first = int(partial["step"])
             step_losses = list(partial["losses"].to(self.device).unbind())
-        n_steps = -(-n // self.step_size)
+        span = self.step_size * self.world_size  # a global batch; this rank trains on its slice
+        n_steps = -(-n // span)
         bar = tqdm(range(first, n_steps), desc=f"epoch {epoch}/{self.epochs}", leave=False,
                    disable=not self.progress, unit="batch", initial=first, total=n_steps)
         for b in bar:
@@ -317,8 +346,9 @@ class Trainer:
                 run.train_seconds += time.perf_counter() - e0
                 self._interrupt(run, model, optimizer, schedulers, guard.signum, (epoch, b, n_steps),
                                 epoch_generator, step_losses)
-            start = b * self.step_size
-            end = start + self.step_size
+            start, end = self._slice(b, n)
+            if start >= end:  # a short last global batch leaves some rank nothing: every rank stops
+                break
             loss = self._step(optimizer, model, task, users[start:end], items[start:end], ratings[start:end])
             step_losses.append(loss)
             if self.progress and b % 50 == 0:
@@ -358,10 +388,19 @@ class Trainer:
                 f"lower trainer.lr or raise the regularization{kept}"
             )
 
+    def _slice(self, b: int, n: int) -> tuple[int, int]:
+        """This rank's rows of loop step ``b``; empty on every rank when the last global batch is too
+        short to give each rank some rows."""
+        span = self.step_size * self.world_size
+        if b * span + (self.world_size - 1) * self.step_size >= n:
+            return 0, 0
+        start = b * span + self.rank * self.step_size
+        return start, min(start + self.step_size, n)
+
     def _log_epoch(self, losses: torch.Tensor, n: int, epoch: int, optimizer) -> dict:
-        sizes = torch.full((len(losses),), float(self.step_size), dtype=torch.float64)
-        sizes[-1] = n - self.step_size * (len(losses) - 1)
-        epoch_loss = float((losses * sizes).sum() / n)  # per-example mean
+        sizes = torch.tensor([float(end - start) for start, end in map(lambda b: self._slice(b, n), range(len(losses)))],
+                             dtype=torch.float64)
+        epoch_loss = float((losses * sizes).sum() / sizes.sum())  # per-example mean
         for i, value in enumerate(losses.tolist()):
             self.logger.scalar("train/loss_step", value, self.global_step + i + 1)
         self.global_step += len(losses)
