@@ -81,16 +81,17 @@ def test_resume_after_a_crash_is_bit_exact(tiny_inter, tmp_path, kind, extra):
     assert_same_fit(reference, fit(tiny_inter, tmp_path / "last.pt", kind, resume=True, **extra))
 
 
-def sigterm_at_step(monkeypatch, call: int) -> None:
-    """Send this process SIGTERM during the ``call``-th training step, whichever step path (autograd
-    or the fused kernel) runs; wrapping the task instead would change which path runs."""
+def sigterm_at_step(monkeypatch, call: int, signals=(signal.SIGTERM,)) -> None:
+    """Send this process ``signals`` during the ``call``-th training step, whichever step path
+    (autograd or the fused kernel) runs; wrapping the task instead would change which path runs."""
     real_step = Trainer._step
     calls = []
 
     def step(self, *args):
         calls.append(None)
         if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for sig in signals:
+                os.kill(os.getpid(), sig)
         return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "_step", step)
@@ -110,6 +111,20 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_exact(tiny_inter, tmp_
     saved = load_state(str(path))
     assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2 and saved["partial"]["step"] == 5
     assert_same_fit(reference, fit(tiny_inter, path, kind, resume=True))
+
+
+def test_sigint_saves_like_sigterm_and_a_second_one_stops_at_once(tiny_inter, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    sigterm_at_step(monkeypatch, 20, signals=(signal.SIGINT,))
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT at epoch 2 after step 5 of 15") as info:
+        fit(tiny_inter, tmp_path / "a.pt")
+    assert info.value.signum == signal.SIGINT and load_state(str(tmp_path / "a.pt"))["partial"]["step"] == 5
+    monkeypatch.undo()
+    sigterm_at_step(monkeypatch, 20, signals=(signal.SIGINT, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_inter, tmp_path / "b.pt")
+    assert load_state(str(tmp_path / "b.pt"))["epoch"] == 1  # the epoch-end state is still there
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_last_pt_holds_the_whole_training_state(tiny_inter, tmp_path):

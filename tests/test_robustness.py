@@ -120,7 +120,7 @@ BAD_FILES = {
                          r"\(first at row 7: 7\.0\)",
     "duplicates refused": r"ratings\.csv: 6 rows repeat a \(user, item\) pair \(e\.g\. user \d+, item \d+\)",
     "unknown duplicates policy": r"unknown duplicates policy 'newest'",
-    "empty id": r"ratings\.csv: 1 rating row\(s\) have an empty user or item id",
+    "empty id": r"ratings\.csv: 1 rating row\(s\) have an empty user or item id \(first at row 4\)",
     "unreadable timestamp": r"ratings\.csv: 1 timestamp\(s\) could not be read \(first at row 2: 'yesterday'\)",
 }
 
@@ -184,6 +184,16 @@ def test_unknown_config_key_is_hydras_error_without_traceback(override, first_li
     assert code == 1
     assert err.strip().splitlines()[0] == first_line and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "load_data", interrupted)
+    code, err = cli(monkeypatch, capsys, tmp_path / "run", "data=synthetic")
+    assert code == 130 and err == "error: interrupted\n"
+    assert_nothing_written(tmp_path / "run")
 
 
 # --- odd but valid input: trains, and reports what it dropped ---------------------------------------------

@@ -59,9 +59,11 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
             raise DataError(f"{name}: ratings have no {column!r} column (columns: {list(ratings.columns)})")
     if len(ratings) == 0:
         raise DataError(f"{name}: there are no ratings")
-    if ratings["user"].isna().any() or ratings["item"].isna().any():
-        n = int(ratings["user"].isna().sum() + ratings["item"].isna().sum())
-        raise DataError(f"{name}: {n} rating row(s) have an empty user or item id")
+    empty = ratings["user"].isna() | ratings["item"].isna()
+    if empty.any():
+        first = ratings.index[empty.to_numpy()][0]
+        raise DataError(f"{name}: {int(empty.sum())} rating row(s) have an empty user or item id "
+                        f"(first at row {first})")
     values = pd.to_numeric(ratings["rating"], errors="coerce")
     bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
     if bad.any():
