@@ -10,12 +10,30 @@ so a step costs O(batch x embedding_dim), never O(table). Their results match ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def _rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique row ids and their summed gradient rows."""
+SCRATCH_ON_CPU = False  # tests set it to check the GPU (sync-free) path on the CPU
+
+
+def _rows(grad: torch.Tensor, scratch: dict, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ids and their summed gradient rows.
+
+    On the CPU: unique ids (``torch.unique``, O(batch)). On a GPU ``unique`` would stall the stream
+    on a host sync (its output size is data-dependent), so the rows are summed into a table-sized
+    scratch buffer instead (zeroing it is cheap at GPU bandwidth) and read back once per occurrence:
+    duplicate ids then carry identical rows, and the ``index_copy_`` writes below store identical
+    values, so the result is the same.
+    """
     idx, vals = grad._indices()[0], grad._values()
+    if idx.is_cuda or SCRATCH_ON_CPU:
+        buf = scratch.get(key)
+        if buf is None:  # kept outside the optimizer state, so checkpoints do not carry it
+            buf = scratch[key] = torch.zeros(grad.shape, dtype=vals.dtype, device=vals.device)
+        buf.zero_().index_add_(0, idx, vals)
+        return idx, buf.index_select(0, idx)
     uniq, inverse = torch.unique(idx, return_inverse=True)
     summed = torch.zeros((len(uniq), *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
     return uniq, summed.index_add_(0, inverse, vals)
@@ -63,7 +81,7 @@ class RowAdam(torch.optim.Optimizer):
                 bc1 = 1 - beta1 ** state["step"]
                 bc2 = 1 - beta2 ** state["step"]
                 if p.grad.is_sparse:
-                    rows, g = _rows(p.grad)
+                    rows, g = _rows(p.grad, self.__dict__.setdefault("_scratch", {}), id(p))
                 else:
                     rows, g = None, p.grad
                 m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
@@ -71,13 +89,14 @@ class RowAdam(torch.optim.Optimizer):
                 v = v_all.index_select(0, rows) if rows is not None else v_all
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / bc1) / ((v / bc2).sqrt_().add_(group["eps"]))
+                # SparseAdam's form: eps is added before the bias correction of the second moment
+                update = (m / v.sqrt().add_(group["eps"])).mul_(math.sqrt(bc2) / bc1)
                 if rows is None:
                     p.add_(update, alpha=-group["lr"])
                 else:
                     m_all.index_copy_(0, rows, m)
                     v_all.index_copy_(0, rows, v)
-                    p.index_add_(0, rows, update, alpha=-group["lr"])
+                    p.index_copy_(0, rows, p.index_select(0, rows).sub_(update, alpha=group["lr"]))
 
 
 class RowAdagrad(torch.optim.Optimizer):
@@ -96,10 +115,10 @@ class RowAdagrad(torch.optim.Optimizer):
                 if not state:
                     state["sum"] = torch.zeros_like(p)
                 if p.grad.is_sparse:
-                    rows, g = _rows(p.grad)
+                    rows, g = _rows(p.grad, self.__dict__.setdefault("_scratch", {}), id(p))
                     s = state["sum"].index_select(0, rows).addcmul_(g, g)
                     state["sum"].index_copy_(0, rows, s)
-                    p.index_add_(0, rows, g / s.sqrt().add_(group["eps"]), alpha=-group["lr"])
+                    p.index_copy_(0, rows, p.index_select(0, rows).sub_(g / s.sqrt().add_(group["eps"]), alpha=group["lr"]))
                 else:
                     state["sum"].addcmul_(p.grad, p.grad)
                     p.addcdiv_(p.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])

@@ -36,7 +36,7 @@ inline void update_row(const Table& t, int64_t row, int adam, float lr, float b1
   for (int64_t k = 0; k < t.d; ++k) {
     m[k] = b1 * m[k] + (1.f - b1) * g[k];
     v[k] = b2 * v[k] + (1.f - b2) * g[k] * g[k];
-    w[k] -= lr * (m[k] / bc1) / (std::sqrt(v[k] / bc2) + eps);
+    w[k] -= lr * (m[k] / (std::sqrt(v[k]) + eps)) * (std::sqrt(bc2) / bc1);
     g[k] = 0.f;
   }
 }
