@@ -160,7 +160,8 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
             item_features=dataset.item_features, user_features=dataset.user_features,
         )
         logger = _logger_for(cfg, output_dir, fold) if main_rank else NullLogger()
-        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt") if main_rank else None
+        # every rank reads it to resume; the trainer lets rank 0 alone write it
+        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
         # partial: Hydra would try to instantiate the _target_ entries inside the meta dict
         trainer = instantiate(cfg.trainer, _partial_=True)(
             seed=int(cfg.seed) + k, logger=logger, checkpoint_path=checkpoint, checkpoint_meta=meta)

@@ -218,6 +218,11 @@ class Trainer:
         self.global_step = 0
         self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
 
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes ``last.pt``: rank 0 alone, while every rank reads it to resume."""
+        return self.checkpoint_path is not None and self.rank == 0
+
     def _improved(self, value: float, best: float, mode: str) -> bool:
         if math.isnan(best):
             return not math.isnan(value)
@@ -235,8 +240,6 @@ class Trainer:
             from recsys_torch import distributed
 
             self.rank, self.world_size = distributed.setup(self.device)
-            if self.rank != 0:  # rank 0 alone writes checkpoints
-                self.checkpoint_path = None
         model.prepare(train)
         if self.device.type == "cuda" and not self.data_on_device:
             # ratings stay in pinned host memory; each batch is copied asynchronously
@@ -259,7 +262,8 @@ class Trainer:
             return self._restore_finished(saved, model)
         if saved is not None:
             self._restore(saved, run, model, optimizer, schedulers)
-        with SignalGuard(enabled=self.checkpoint_path is not None) as guard:
+        # other ranks keep the default handlers: torchrun stops them when rank 0 exits
+        with SignalGuard(enabled=self._writes) as guard:
             while run.epoch < self.epochs and not run.result.stopped_early:
                 self._epoch(run, model, task, optimizer, schedulers, data, train, val, guard)
         if run.best_state is not None:
@@ -267,7 +271,7 @@ class Trainer:
         result = run.result
         result.fit_seconds = run.prior_seconds + time.perf_counter() - t0
         result.train_ratings_per_second = len(data) * len(result.history) / max(run.train_seconds, 1e-9)
-        if self.checkpoint_path:
+        if self._writes:
             save_state(self.checkpoint_path, {"meta": self.checkpoint_meta, "finished": True,
                                               "model": _cpu_state(model), "result": asdict(result)})
         return result
@@ -371,7 +375,7 @@ class Trainer:
         if val is not None:
             self._track_best(run, model, record[f"val/{task.monitor}"], epoch, task)
         run.epoch = epoch
-        if self.checkpoint_path:
+        if self._writes:
             self._save(run, model, optimizer, schedulers)
         if guard.signum is not None:
             raise TrainingInterrupted(self._interrupted_message(guard.signum, (epoch, None, None)), guard.signum)
