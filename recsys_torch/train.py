@@ -94,7 +94,7 @@ def _prepare_run_folder(output_dir: str, resume: bool) -> None:
     """Clear what killed runs leave behind; refuse to silently start over an unfinished run."""
     os.makedirs(output_dir, exist_ok=True)
     remove_stale_temporaries(output_dir)
-    saved = sorted(glob.glob(os.path.join(output_dir, "last*.pt")))
+    saved = sorted(glob.glob(os.path.join(output_dir, "last.pt")) + glob.glob(os.path.join(output_dir, "last-*.pt")))
     if not saved or resume:
         return
     if os.path.exists(os.path.join(output_dir, "metrics.json")):  # a finished run, run again

@@ -20,7 +20,8 @@ from recsys_torch import trainer as trainer_module
 from recsys_torch.checkpointing import LAST_FORMAT, TrainingInterrupted, load_state
 from recsys_torch.errors import CheckpointError, ConfigError, TrainingError
 from recsys_torch.io import safe_torch_load
-from recsys_torch.models import MFModel
+from recsys_torch.data import encode
+from recsys_torch.models import HybridModel, MFModel
 from recsys_torch.splits import random_split
 from recsys_torch.tasks import RankingTask, RatingTask
 from recsys_torch.train import train
@@ -38,12 +39,12 @@ def make_task(kind: str):
     return RatingTask() if kind == "rating" else RankingTask(threshold=None, n_negatives=2)
 
 
-def fit(tiny_inter, path, kind="rating", resume=False, callbacks=(), task=None, **kwargs):
-    """A fresh model and trainer on the tiny data; returns (model, result)."""
+def fit(tiny_inter, path, kind="rating", resume=False, callbacks=(), task=None, make_model=None, **kwargs):
+    """A fresh model (MF unless ``make_model``) and trainer on the tiny data; returns (model, result)."""
     task = task or make_task(kind)
     split = random_split(task.prepare_data(tiny_inter), seed=0)[0]
     torch.manual_seed(0)
-    model = MFModel(tiny_inter.n_users, tiny_inter.n_items, embedding_dim=8)
+    model = (make_model or (lambda: MFModel(tiny_inter.n_users, tiny_inter.n_items, embedding_dim=8)))()
     settings = dict(epochs=5, batch_size=64, lr=0.01, patience=None, checkpoint_path=str(path), resume=resume,
                     callbacks=list(callbacks), **FAST)
     settings.update(kwargs)
@@ -79,6 +80,22 @@ def test_resume_after_a_crash_is_bit_exact(tiny_inter, tmp_path, kind, extra):
     saved = load_state(str(tmp_path / "last.pt"))
     assert saved["epoch"] == 2 and not saved["finished"]
     assert_same_fit(reference, fit(tiny_inter, tmp_path / "last.pt", kind, resume=True, **extra))
+
+
+def test_resume_of_a_model_that_draws_random_numbers_is_bit_exact(tiny_raw, tmp_path):
+    """Id dropout draws from torch's global generator and the feature tower's dense layers have
+    torch's own Adam: both are part of the saved state."""
+    data = encode(tiny_raw)
+
+    def hybrid():
+        return HybridModel(data.n_users, data.n_items, data.item_features, data.user_features, embedding_dim=8,
+                           fusion="gated", hidden=[8], id_dropout=0.3)
+
+    inter = data.interactions
+    reference = fit(inter, tmp_path / "ref.pt", make_model=hybrid)
+    with pytest.raises(Crash):
+        fit(inter, tmp_path / "last.pt", make_model=hybrid, callbacks=[crash_at(3)])
+    assert_same_fit(reference, fit(inter, tmp_path / "last.pt", make_model=hybrid, resume=True))
 
 
 def sigterm_at_step(monkeypatch, call: int, signals=(signal.SIGTERM,)) -> None:
