@@ -313,7 +313,10 @@ def test_every_torch_load_is_weights_only():
         for path in folder.rglob("*.py"):
             text = path.read_text()
             for match in re.finditer(r"torch\.load\(", text):
-                end = text.find(")", match.end())
+                depth, end = 1, match.end()
+                while depth and end < len(text):  # the call's own closing parenthesis
+                    depth += {"(": 1, ")": -1}.get(text[end], 0)
+                    end += 1
                 calls.append((path.name, "weights_only=True" in text[match.end():end]))
     assert calls and all(ok for _, ok in calls), calls
 
