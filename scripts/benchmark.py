@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Benchmark our models against Surprise and cornac on the very same split, one process per row.
+
+    python scripts/benchmark.py --suite throughput --out DIR   # synthetic 5M: ratings/s, 2 and 1 threads
+    python scripts/benchmark.py --suite ml100k --out DIR       # ML-100k 5-fold: RMSE and time to target
+    python scripts/benchmark.py --suite scale --out DIR        # synthetic 20M (ML-20M shape): s/epoch, peak RSS
+    python scripts/benchmark.py --data csv --ratings r.csv --models mf cornac-mf --out DIR
+    python scripts/benchmark.py --list-models
+
+Writes DIR/benchmark.json (one object per row) and DIR/benchmark.md (the table), prints the table,
+and a progress line per row on stderr. Peers run when installed (pip install -e '.[bench]').
+See docs/benchmarks.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from importlib import metadata
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from recsys_torch import benchmarking as bench  # noqa: E402
+from recsys_torch.errors import ConfigError, RecsysError  # noqa: E402
+
+CONFIG_DIR = os.path.join(REPO, "configs")
+
+SUITES = {
+    "throughput": dict(data="synthetic", n_users=50_000, n_items=20_000, n_ratings=5_000_000, protocol="holdout",
+                       models=["mf", "mf-pytorch", "surprise-svd", "cornac-mf"], threads=[2, 1], epochs=20,
+                       embedding_dim=100),
+    "ml100k": dict(data="ml100k", protocol="kfold", threads=[1], target=0.905,
+                   models=["baseline", "mf-defaults", "mf-fast", "surprise-baseline", "surprise-svd",
+                           "surprise-svd-tuned", "cornac-mf-tuned"]),
+    # MovieLens-20M's counts: 138,493 users, 26,744 rated movies, 20,000,263 ratings
+    "scale": dict(data="synthetic", n_users=138_493, n_items=26_744, n_ratings=20_000_263, protocol="holdout",
+                  models=["mf"], threads=[2], epochs=3, embedding_dim=64),
+}
+# what a run without --suite starts from
+DEFAULTS = dict(data=None, n_users=50_000, n_items=20_000, n_ratings=1_000_000, protocol="holdout", threads=[1],
+                models=["mf", "surprise-svd", "cornac-mf"], epochs=None, embedding_dim=None, target=None)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), help="a prepared comparison (flags below override its settings)")
+    p.add_argument("--out", help="output folder for benchmark.json and benchmark.md")
+    p.add_argument("--data", choices=["synthetic", "ml100k", "csv"])
+    p.add_argument("--ratings", help="ratings file for --data csv (csv, tsv or parquet)")
+    p.add_argument("--columns", metavar="KEY=COL,...",
+                   help="--data csv column names, e.g. user=userId,item=movieId,rating=rating")
+    p.add_argument("--n-ratings", type=int)
+    p.add_argument("--n-users", type=int)
+    p.add_argument("--n-items", type=int)
+    p.add_argument("--protocol", choices=["holdout", "kfold"],
+                   help="holdout: one random split; kfold: the BENCHMARKS.md folds")
+    p.add_argument("--test", type=float, default=0.1, help="holdout test fraction (default 0.1)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--val", type=float, default=0.05, help="kfold: share of each training part our models validate on")
+    p.add_argument("--models", nargs="+", help="entries to run (see --list-models)")
+    p.add_argument("--epochs", type=int, help="epochs for every model")
+    p.add_argument("--embedding-dim", type=int, help="embedding size for every factor model")
+    p.add_argument("--threads", type=int, nargs="+", help="thread counts (each model runs at each)")
+    p.add_argument("--target", type=float, help="RMSE whose time to reach is reported")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the Surprise and cornac entries when they are installed (default: yes)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu", help="device for our models (cpu, cuda)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the rows in this process, for debugging (peak RSS is then the whole run's)")
+    p.add_argument("--list-models", action="store_true", help="print the entries and their settings, then exit")
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The suite's settings (or the defaults) with the flags given on top."""
+    if args.suite is None and args.data is None and not args.list_models:
+        raise ConfigError("say what to benchmark: --suite throughput|ml100k|scale, or --data synthetic|ml100k|csv")
+    out = {**DEFAULTS, **SUITES.get(args.suite, {})}
+    for key in ("data", "n_ratings", "n_users", "n_items", "protocol", "models", "epochs", "embedding_dim",
+                "threads", "target"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    if args.protocol is None and args.suite is None and out["data"] == "ml100k":
+        out["protocol"] = "kfold"
+    if out["data"] == "csv" and not args.ratings:
+        raise ConfigError("--data csv needs --ratings PATH")
+    if any(t < 1 for t in out["threads"]):
+        raise ConfigError(f"--threads must be at least 1, got {out['threads']}")
+    for key in ("epochs", "embedding_dim", "n_ratings", "n_users", "n_items"):
+        if out.get(key) is not None and out[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {out[key]}")
+    return out
+
+
+def catalog() -> dict:
+    """The library's entries plus the models exactly as shipped in configs/."""
+    def load(group, name):
+        return OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIG_DIR, group, f"{name}.yaml")), resolve=True)
+
+    return {**bench.CATALOG, **bench.shipped_entries(load("model", "mf"), load("model", "baseline"),
+                                                     load("trainer", "default"))}
+
+
+def choose_entries(cfg: dict, peers: bool) -> tuple[list, list[str]]:
+    """The entries to run, with --epochs / --embedding-dim applied, and notes on those left out."""
+    known = catalog()
+    unknown = [m for m in cfg["models"] if m not in known]
+    if unknown:
+        raise ConfigError(f"--models: unknown {unknown}; choose from {sorted(known)}")
+    entries, notes = [], []
+    for name in dict.fromkeys(cfg["models"]):
+        entry = known[name]
+        if entry.library != bench.OURS and not peers:
+            continue
+        if not bench.peer_available(entry.library):
+            notes.append(f"{name} not run: {entry.library} is not installed (pip install -e '.[bench]')")
+            continue
+        entries.append(entry.override(cfg["epochs"], cfg["embedding_dim"]))
+    if not entries:
+        raise ConfigError("no model left to run")
+    return entries, notes
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("M", 1_000_000), ("k", 1_000)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def load_data(cfg: dict, args: argparse.Namespace):
+    """(Interactions, dataset label)."""
+    from recsys_torch.data import encode
+
+    if cfg["data"] == "synthetic":
+        inter = bench.synthetic_interactions(cfg["n_users"], cfg["n_items"], cfg["n_ratings"], seed=args.seed)
+        return inter, f"synthetic-{_size(cfg['n_ratings'])}"
+    if cfg["data"] == "ml100k":
+        from recsys_torch.data.movielens import ml100k
+
+        return encode(ml100k()).interactions, "ml100k"
+    from recsys_torch.data.tabular import csv
+
+    columns = {}
+    for pair in filter(None, (args.columns or "").split(",")):
+        key, sep, column = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--columns: expected KEY=COLUMN, got {pair!r}")
+        columns[key.strip()] = column.strip()
+    return encode(csv(args.ratings, columns=columns)).interactions, os.path.basename(args.ratings)
+
+
+def describe(cfg: dict, args: argparse.Namespace, inter, data: bench.BenchData, notes: list[str]) -> list[str]:
+    n_test = int((data.assign[0] == 2).sum())
+    if cfg["protocol"] == "kfold":
+        protocol = (f"{data.assign.shape[0]}-fold cross-validation (recsys_torch.splits.kfold, seed {args.seed}); "
+                    "peers fit everything but the test fold, our models hold out "
+                    f"{args.val:.0%} of it for early stopping")
+    else:
+        protocol = f"one random split, {n_test:,} test ratings ({args.test:.0%}), identical for every library"
+    versions = []
+    for package in ("torch", "numpy", "scikit-surprise", "cornac"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    rss = "that process's high-water mark" if not args.in_process else "the whole run's (--in-process)"
+    return [
+        f"Data: {len(inter):,} ratings, {inter.n_users:,} users, {inter.n_items:,} items; {protocol}.",
+        "RMSE/MAE over the test ratings, predictions clipped to the rating scale (mean ± std over folds). "
+        "Fit time is the fit call only, each row in its own process; ratings/s = training ratings x epochs run / "
+        f"fit time; peak RSS is {rss}. `time vs X`: our fit time / X's (the paired row in brackets).",
+        f"Machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{', '.join(versions)}; {datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"Command: `{shlex.join(['python', 'scripts/benchmark.py', *args.argv])}`",
+        *notes,
+    ]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = settings(args)
+    if args.list_models:
+        for name, entry in catalog().items():
+            print(f"{name:20} {entry.library:13} {entry.model:13} dim={entry.embedding_dim} epochs={entry.epochs} "
+                  f"{entry.settings}")
+        return 0
+    if not args.out:
+        raise ConfigError("--out DIR is required")
+    entries, notes = choose_entries(cfg, args.peers)
+    print(f"preparing {cfg['data']} data ...", file=sys.stderr, flush=True)
+    inter, label = load_data(cfg, args)
+    data = bench.bench_data(inter, bench.split_parts(inter, cfg["protocol"], args.seed, test=args.test,
+                                                     folds=args.folds, val=args.val))
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as work:
+        rows = bench.run(entries, cfg["threads"], data, label, work, seed=args.seed, device=args.device,
+                         isolate=not args.in_process, log=sys.stderr)
+    rows = bench.compare(rows, cfg["target"], {e.name: e.pairs for e in entries})
+    title = f"Benchmark: {args.suite or label}"
+    report = bench.markdown_report(rows, title, describe(cfg, args, inter, data, notes), cfg["target"])
+    bench.write_outputs(args.out, rows, report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RecsysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
