@@ -9,6 +9,7 @@ pure path remains the reference and the fallback where no compiler is available.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -32,7 +33,12 @@ def load_extension():
         try:
             from torch.utils.cpp_extension import load
 
-            _extension = load(name="recsys_torch_mf_fused", sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            flags = ["-O3", "-march=native", "-fopenmp-simd"]
+            with open(_SOURCE, "rb") as fh:
+                digest = hashlib.sha256(fh.read() + " ".join(flags).encode()).hexdigest()[:12]
+            # the name carries the source's hash: two checkouts (or versions) never share a build
+            log.info("loading the fused MF kernel (built once per source version, then cached)")
+            _extension = load(name=f"recsys_torch_mf_fused_{digest}", sources=[_SOURCE], extra_cflags=flags,
                               verbose=False)
         except Exception as exc:  # no compiler, no ninja, headers missing: fall back
             _failed = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -254,7 +254,10 @@ class Trainer:
         if not model.trainable or self.epochs == 0:
             return self._evaluate_only(model, train, val, task, t0)
 
+        # building the optimizer may import torch._dynamo (seconds, once per process) or load the
+        # compiled kernel: one-off costs that are not fitting, so the clock restarts after it
         optimizer = self._build_optimizer(model, task)
+        t0 = time.perf_counter()
         schedulers = build_schedulers(optimizer, self.lr_schedule, self.epochs, self.lr_gamma, self.lr_step_size)
         run = _Progress(FitResult())
         saved = self._saved_state()
