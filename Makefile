@@ -14,6 +14,7 @@ ARGS ?=
 help:
 	@echo "make train [ARGS='model=hybrid split=kfold']  set up .venv, fetch ML-100k, train, print the summary"
 	@echo "make test                                     set up .venv, run the test suite"
+	@echo "make benchmark                                ML-100k accuracy/time against Surprise and cornac (bench_out/)"
 	@echo "make results                                  regenerate the README results table (ML-100k)"
 	@echo "make install TORCH_INDEX=<pytorch wheel index> pick a torch build (e.g. a CUDA one)"
 
@@ -42,6 +43,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+benchmark: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python scripts/benchmark.py --suite ml100k --out bench_out/ml100k
 
 results: install
 	$(BIN)/python scripts/results.py
