@@ -126,6 +126,35 @@ def _fold_metrics(task, model, split, fit) -> dict:
     return metrics
 
 
+ENTRY_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+EXTRA_KEYS = {"data": {"duplicates"}}  # handled by train.py itself, not passed to the loader
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a key that no component takes (e.g. ``+model.embeding_dim=8``): constructors that
+    swallow ``**kwargs`` would otherwise ignore a typo silently."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    for group in ("data", "split", "model", "task", "trainer"):
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            target = get_object(node._target_)
+        except Exception:
+            raise ConfigError(f"{group}._target_: cannot import {node._target_!r}") from None
+        named = {n for n, p in inspect.signature(target).parameters.items()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        extra = set(node.keys()) - named - ENTRY_KEYS - EXTRA_KEYS.get(group, set())
+        if extra:
+            valid = sorted(named - {"n_users", "n_items", "item_features", "user_features", "seed", "logger",
+                                    "callbacks", "checkpoint_path", "checkpoint_meta", "inter"})
+            raise ConfigError(f"{group}.{sorted(extra)[0]} is not a setting of {target.__name__}; "
+                              f"its settings are: {', '.join(valid)}")
+
+
 def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     """Run one experiment as configured; write ``metrics.json``, ``checkpoint.pt`` and TensorBoard
     events into ``output_dir``; return the metrics.
@@ -133,6 +162,7 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     The training state of each fit is kept in ``last.pt`` (``last-<fold>.pt`` for k folds) and
     ``trainer.resume=true`` continues a killed run from it; folds that had finished are not trained
     again."""
+    check_keys(cfg)
     output_dir = output_dir or os.getcwd()
     resume = bool(cfg.trainer.get("resume", False))
     # under torchrun (trainer=ddp) every rank trains; rank 0 alone writes the run's outputs
@@ -238,6 +268,28 @@ def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so an override naming a key, group or option that
+    does not exist ends with one ``error:`` line and exit 2 rather than Hydra's multi-line report.
+    Sweeps (``-m``) and Hydra's own flags are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            compose(config_name="train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        options = [line for line in lines[1:] if not line.endswith(":") and " " not in line]
+        if any(line.startswith("Available options") for line in lines):
+            fail(f"{lines[0].removeprefix('In ' + repr('train') + ': ')} (options: {', '.join(options)})")
+        fail(" ".join(lines[:2]))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -303,7 +303,9 @@ class Trainer:
         """One loop step: a minibatch (or, in online mode, a chunk of single-rating steps)."""
         first = optimizer.optimizers[0]
         if getattr(first, "fused", False):
-            return first.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
+            loss = first.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
+            first.step()  # a no-op that lets learning-rate schedulers see a step
+            return loss
         if users.device != self.device:  # pinned host data (data_on_device=false)
             users, items, ratings = (t.to(self.device, non_blocking=True) for t in (users, items, ratings))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

@@ -1,0 +1,42 @@
+"""Config mistakes end with one `error:` line and exit 2, in-process and from the command line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from recsys_torch.errors import ConfigError
+from recsys_torch.train import check_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_key_no_component_takes_is_refused(compose):
+    cfg = compose(["+model.embeding_dim=8"])
+    with pytest.raises(ConfigError, match=r"model.embeding_dim is not a setting of MFModel.*embedding_dim"):
+        check_keys(cfg)
+
+
+def test_every_shipped_config_passes_the_key_check(compose):
+    for overrides in (["model=popularity"], ["model=baseline"], ["model=content"], ["model=hybrid"],
+                      ["split=kfold"], ["split=user"], ["split=temporal"], ["split=leave_last"],
+                      ["split=cold_item"], ["split=cold_user"], ["task=ranking"], ["trainer=gpu"],
+                      ["trainer=ddp"], ["data=csv", "data.ratings=x.csv"]):
+        check_keys(compose(overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.embeding_dim=8", "Could not override 'model.embeding_dim'"),
+    ("+model.embeding_dim=8", "model.embeding_dim is not a setting of MFModel"),
+    ("model=foo", "Could not find 'model/foo' (options: baseline, content, hybrid, mf, popularity)"),
+])
+def test_cli_config_mistakes_are_one_line(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "data=synthetic", override, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "metrics.json").exists()
