@@ -179,6 +179,7 @@ class Trainer:
         distributed: bool = False,
         precision: str = "32",
         data_on_device: bool = True,
+        shuffle: str = "full",
     ) -> None:
         self.epochs = _number("epochs", epochs, int)
         self.batch_size = _number("batch_size", batch_size, int)
@@ -214,6 +215,9 @@ class Trainer:
             raise ConfigError(f"trainer.precision must be '32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.data_on_device = bool(data_on_device)
+        if shuffle not in ("full", "users"):
+            raise ConfigError(f"trainer.shuffle must be 'full' or 'users', got {shuffle!r}")
+        self.shuffle = shuffle
         self.step_size = self.batch_size  # ratings per loop step; a chunk of ratings in online mode
         self.global_step = 0
         self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
@@ -337,7 +341,7 @@ class Trainer:
             self.generator.set_state(partial["epoch_generator"])
         epoch_generator = self.generator.get_state()
         n = len(data)
-        perm = torch.randperm(n, generator=self.generator, device=self.device)
+        perm = self._permutation(data)
         users, items, ratings = (t.index_select(0, perm) for t in (data.users, data.items, data.ratings))
         first = 0
         step_losses: list[torch.Tensor] = []
@@ -396,6 +400,24 @@ class Trainer:
                 f"the training loss became {float(losses[step - 1])} at epoch {epoch}, step {step}: "
                 f"lower trainer.lr or raise the regularization{kept}"
             )
+
+    def _permutation(self, data: Interactions) -> torch.Tensor:
+        """This epoch's order of the training rows. ``full``: a uniform shuffle. ``users``: the users
+        in random order, each user's rows together (in data order), so per-rating SGD keeps the
+        user's row in cache, as cornac and LibMF-style trainers do: about twice the throughput on
+        large tables, at a small cost in how well each epoch mixes."""
+        n = len(data)
+        if self.shuffle == "full":
+            return torch.randperm(n, generator=self.generator, device=self.device)
+        by_user = torch.argsort(data.users, stable=True)
+        counts = torch.bincount(data.users, minlength=data.n_users)
+        starts = torch.cumsum(counts, 0) - counts
+        present = torch.nonzero(counts).squeeze(1)
+        order = present[torch.randperm(len(present), generator=self.generator, device=self.device)]
+        lengths = counts[order]
+        offsets = torch.cumsum(lengths, 0) - lengths  # where each user's block lands
+        shift = torch.repeat_interleave(starts[order] - offsets, lengths, output_size=n)
+        return by_user[torch.arange(n, device=self.device) + shift]
 
     def _slice(self, b: int, n: int) -> tuple[int, int]:
         """This rank's rows of loop step ``b``; empty on every rank when the last global batch is too

@@ -226,3 +226,26 @@ def test_the_logger_gets_losses_and_validation_metrics(split):
     assert logger.tags["train/loss"] == [1, 2] and logger.tags["val/rmse"] == [1, 2]
     assert logger.tags["val/mae"] == [1, 2] and logger.tags["lr"] == [1, 2]
     assert logger.tags["train/loss_step"] == list(range(1, 2 * steps_per_epoch + 1))
+
+
+def test_user_block_shuffle_is_a_permutation_with_users_together():
+    import torch as _t
+
+    from recsys_torch.data import Interactions
+
+    users = _t.tensor([3, 0, 3, 1, 0, 3, 1, 4])
+    inter = Interactions(users, _t.arange(8), _t.ones(8), 5, 8)
+    trainer = Trainer(shuffle="users", progress=False, device="cpu")
+    trainer.generator = _t.Generator().manual_seed(0)
+    orders = set()
+    for _ in range(6):
+        perm = trainer._permutation(inter)
+        assert sorted(perm.tolist()) == list(range(8))
+        seq = users[perm].tolist()
+        blocks = [u for k, u in enumerate(seq) if k == 0 or seq[k - 1] != u]
+        assert len(blocks) == len(set(blocks)) == 4  # each user's rows are contiguous
+        for u in set(seq):  # within a user, data order is kept
+            rows = perm[users[perm] == u].tolist()
+            assert rows == sorted(rows)
+        orders.add(tuple(blocks))
+    assert len(orders) > 1  # the user order changes between epochs

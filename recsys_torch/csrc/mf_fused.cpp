@@ -13,6 +13,12 @@
 
 namespace {
 
+constexpr int64_t kAhead = 6;  // ratings of look-ahead for the row prefetch
+
+inline void prefetch_row(const float* row, int64_t d) {
+  for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(row + k, 1, 1);
+}
+
 struct Table {
   float* w;      // [n, d] parameters
   float* g;      // [n, d] gradient accumulator (kept zero outside a step)
@@ -148,6 +154,10 @@ void mf_sgd_online(torch::Tensor P, torch::Tensor Q, torch::Tensor bu, torch::Te
   const float regb = static_cast<float>(reg_bias), lrf = static_cast<float>(lr);
   auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
+      if (b + kAhead < hi) {  // shuffled ratings hit random rows: fetch a later rating's rows early
+        prefetch_row(Pw + u_ptr[b + kAhead] * d, d);
+        prefetch_row(Qw + i_ptr[b + kAhead] * d, d);
+      }
       const int64_t u = u_ptr[b], i = i_ptr[b];
       float* p = Pw + u * d;
       float* q = Qw + i * d;
