@@ -108,11 +108,12 @@ def _ours(name: str, model: str, model_kwargs: dict, trainer: dict, pairs=()) ->
 _FUNK = {"embedding_dim": 100, "reg": 0.02, "reg_bias": 0.02, "reg_exponent": 0.0, "init_std": 0.1}
 CATALOG: dict[str, Entry] = {e.name: e for e in (
     _ours("mf", "mf", _FUNK, {"epochs": 20, "batch_size": 1, "optimizer": "sgd", "lr": 0.0025, "patience": 0,
-                              "fused": True}, pairs=("surprise-svd", "cornac-mf")),
+                              "fused": True, "shuffle": "users"}, pairs=("surprise-svd", "cornac-mf")),
     _ours("mf-pytorch", "mf", _FUNK, {"epochs": 20, "batch_size": 8192, "optimizer": "adam", "lr": 0.005,
                                       "patience": 0, "fused": False}, pairs=("surprise-svd", "cornac-mf")),
     _ours("mf-fast", "mf", {"embedding_dim": 200, "reg": 1.0, "reg_bias": 0.3, "reg_exponent": 0.5, "init_std": 0.03},
-          {"epochs": 60, "batch_size": 1, "optimizer": "sgd", "lr": 0.004, "patience": 3, "fused": True},
+          {"epochs": 60, "batch_size": 1, "optimizer": "sgd", "lr": 0.004, "patience": 3, "fused": True,
+           "shuffle": "users"},
           pairs=("surprise-svd-tuned", "cornac-mf-tuned")),
     Entry("surprise-baseline", "surprise", "BaselineOnly", {"algo": "BaselineOnly", "kwargs": {}}),
     Entry("surprise-svd", "surprise", "SVD", {"algo": "SVD", "kwargs": {
@@ -174,7 +175,7 @@ class BenchData:
         return self.users[idx], self.items[idx], self.ratings[idx]
 
 
-def split_parts(inter, protocol: str, seed: int, test: float = 0.1, folds: int = 5, val: float = 0.05) -> np.ndarray:
+def split_parts(inter, protocol: str, seed: int, test: float = 0.1, folds: int = 5, val: float = 0.02) -> np.ndarray:
     """``assign`` rows from the library's own split functions (so the benchmark's folds are the
     ones ``split=kfold`` trains on): ``holdout`` is one random split with no validation part,
     ``kfold`` the BENCHMARKS.md folds, each fold's training part giving up ``val`` for early stopping."""

@@ -64,7 +64,7 @@ def random_split(inter: Interactions, seed: int = 42, val: float = 0.1, test: fl
     return [_make(inter, assign, "random")]
 
 
-def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.05) -> list[Split]:
+def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.02) -> list[Split]:
     """K folds of the shuffled ratings (fold of row ``perm[j]`` is ``j % folds``, as in
     ``../shared/BENCHMARKS.md``). Each fold's training part gives up ``val`` of itself for early
     stopping."""

@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="holdout: one random split; kfold: the BENCHMARKS.md folds")
     p.add_argument("--test", type=float, default=0.1, help="holdout test fraction (default 0.1)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--val", type=float, default=0.05, help="kfold: share of each training part our models validate on")
+    p.add_argument("--val", type=float, default=0.02, help="kfold: share of each training part our models validate on")
     p.add_argument("--models", nargs="+", help="entries to run (see --list-models)")
     p.add_argument("--epochs", type=int, help="epochs for every model")
     p.add_argument("--embedding-dim", type=int, help="embedding size for every factor model")

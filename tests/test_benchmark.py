@@ -46,7 +46,7 @@ def _script():
 
 def test_split_parts_are_the_library_splits():
     inter, data = _tiny("kfold")
-    folds = splits.kfold(inter, seed=42, folds=5, val=0.05)
+    folds = splits.kfold(inter, seed=42, folds=5, val=0.02)
     assert data.assign.shape == (5, len(inter))
     assert ((data.assign == 2).sum(0) == 1).all()  # every rating tests exactly once
     for k, fold in enumerate(folds):
