@@ -89,19 +89,63 @@ def _open_storage(storage_cfg):
     return instantiate(storage_cfg)
 
 
-def study_trial_states(sweeper_cfg: DictConfig) -> list[str] | None:
-    """States of the trials already in the sweeper's stored study: [] for a new study, None when the
-    sweeper keeps no study on disk (no storage, no study name, or not the Optuna sweeper)."""
+def stored_study(sweeper_cfg: DictConfig, create: bool = False):
+    """The sweeper's study in its storage; None when it keeps none on disk (no storage, no study
+    name, or not the Optuna sweeper) or, unless ``create``, when the study does not exist yet."""
     if sweeper_cfg.get("storage") is None or not sweeper_cfg.get("study_name"):
         return None
     import optuna
 
     storage = _open_storage(sweeper_cfg.storage)
+    if create:
+        direction = sweeper_cfg.get("direction", "minimize")
+        directions = [str(d) for d in direction] if OmegaConf.is_list(direction) else [str(direction)]
+        return optuna.create_study(study_name=sweeper_cfg.study_name, storage=storage, directions=directions,
+                                   load_if_exists=True)
     try:
-        study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=storage)
+        return optuna.load_study(study_name=sweeper_cfg.study_name, storage=storage)
     except KeyError:  # optuna 2.x: no study of that name yet
-        return []
-    return [t.state.name for t in study.get_trials(deepcopy=False)]
+        return None
+
+
+def study_trial_states(sweeper_cfg: DictConfig) -> list[str] | None:
+    """States of the trials already in the stored study ([] for a new one; None: nothing stored)."""
+    if sweeper_cfg.get("storage") is None or not sweeper_cfg.get("study_name"):
+        return None
+    study = stored_study(sweeper_cfg)
+    return [t.state.name for t in study.get_trials(deepcopy=False)] if study is not None else []
+
+
+def config_values_in_space(config: DictConfig) -> dict:
+    """The composed config's own values of the searched parameters (the shipped defaults plus any
+    fixed overrides), keeping those the search space contains."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    params = config.hydra.sweeper.get("params") or {}
+    distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    out = {}
+    for name, distribution in distributions.items():
+        value = OmegaConf.select(config, name.lstrip("+"), default=None)
+        try:
+            if value is not None and distribution._contains(distribution.to_internal_repr(value)):
+                out[name] = value
+        except (ValueError, TypeError):  # a categorical without that value
+            pass
+    return out
+
+
+def enqueue_config_values(config: DictConfig) -> dict | None:
+    """Queue the config's own values as the next trial unless a trial already has them, so a sweep
+    always measures the defaults it is meant to beat. Returns what was queued."""
+    values = config_values_in_space(config)
+    study = stored_study(config.hydra.sweeper, create=True)
+    if not values or study is None:
+        return None
+    for trial in study.get_trials(deepcopy=False):
+        if all(trial.params.get(k) == v for k, v in values.items()) and trial.state.name != "FAIL":
+            return None
+    study.enqueue_trial(values)
+    return values
 
 
 def _next_free_number(sweep_dir: str) -> int:
@@ -116,10 +160,14 @@ def _now() -> str:
 class SweepRecorder(Callback):
     """Resumes a stored Optuna study and writes ``budget.json`` in the sweep folder after every job:
     the trials run (folder, overrides, status, objective, seconds) and each session's wall time, so
-    that models can be compared at equal tuning budget even when a sweep was interrupted."""
+    that models can be compared at equal tuning budget even when a sweep was interrupted.
 
-    def __init__(self, filename: str = BUDGET_FILE) -> None:
+    With ``try_config_values`` the config's own values of the searched parameters (the defaults) are
+    queued as a trial unless one already has them: a sweep's best is never worse than what it tunes."""
+
+    def __init__(self, filename: str = BUDGET_FILE, try_config_values: bool = True) -> None:
         self.filename = filename
+        self.try_config_values = try_config_values
         self.path: str | None = None
         self.record: dict = {}
         self.session: dict = {}
@@ -144,6 +192,10 @@ class SweepRecorder(Callback):
             if states:
                 log.info("resuming study %s: %d of %d trials finished, running %d more",
                          config.hydra.sweeper.study_name, finished, requested, config.hydra.sweeper.n_trials)
+            if self.try_config_values and config.hydra.sweeper.n_trials > 0:
+                queued = enqueue_config_values(config)
+                if queued:
+                    log.info("next trial: the config's own values %s", queued)
         self.session = {"started": _now(), "ended": None, "n_trials_requested": requested,
                         "n_trials_finished_before": finished, "n_trials_run": 0, "wall_seconds": 0.0}
         self.record["sessions"].append(self.session)

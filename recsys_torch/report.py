@@ -145,6 +145,7 @@ def searched_params(trials: list[Trial]) -> list[str]:
     keys: list[str] = []
     for trial in trials:
         for key in (trial.hydra.get("sweeper", {}) or {}).get("params", {}) or {}:
+            key = split_override(key)[0]  # "++model.x" searches model.x
             if key not in keys:
                 keys.append(key)
     values: dict[str, set] = {}
@@ -340,9 +341,9 @@ def plot_curves(sweep: Sweep, path: str, top: int = 5) -> bool:
 
 def _search_spec(sweep: Sweep, key: str) -> str:
     for trial in sweep.trials:
-        spec = ((trial.hydra.get("sweeper") or {}).get("params") or {}).get(key)
-        if spec:
-            return str(spec)
+        for name, spec in ((trial.hydra.get("sweeper") or {}).get("params") or {}).items():
+            if split_override(name)[0] == key and spec:
+                return str(spec)
     return ""
 
 

@@ -27,7 +27,7 @@ def make_trial(root, name, overrides, metrics=None, choices=None, sweeper=None, 
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": objective, "seed": 42}))
     hydra = {"runtime": {"choices": {**DEFAULT_CHOICES, "hydra/sweeper": "basic", **(choices or {})}},
              "sweeper": sweeper or {}}
-    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}, sort_keys=False))
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps(metrics))
     if curve:
@@ -65,18 +65,20 @@ def test_the_sweepers_direction_wins_over_the_metric_name(tmp_path):
 
 
 def test_table_lists_searched_parameters_and_kfold_spread(tmp_path):
-    sweeper = {"params": {"trainer.lr": "tag(log, interval(0.001, 0.1))"}}
-    make_trial(tmp_path, "0", ["trainer.lr=0.01", "data=synthetic", "model.embedding_dim=8"],
+    sweeper = {"params": {"trainer.lr": "tag(log, interval(0.001, 0.1))", "++model.extra": "choice(1, 2)"}}
+    make_trial(tmp_path, "0", ["trainer.lr=0.01", "++model.extra=1", "data=synthetic", "model.embedding_dim=8"],
                {"val/rmse": 0.9, "val/rmse_std": 0.01, "test/rmse": 0.92, "best_epoch": 7, "total_seconds": 3.25},
                sweeper=sweeper)
-    make_trial(tmp_path, "1", ["trainer.lr=0.002", "data=synthetic", "model.embedding_dim=16"], None, sweeper=sweeper)
+    make_trial(tmp_path, "1", ["trainer.lr=0.002", "++model.extra=1", "data=synthetic", "model.embedding_dim=16"], None,
+               sweeper=sweeper)
     sweep = report.load(str(tmp_path))
-    # searched: the Optuna space plus what differs between trials; data=synthetic is fixed
-    assert sweep.searched == ["trainer.lr", "model.embedding_dim"]
+    # searched: the Optuna space (keys without "++") plus what differs between trials; data is fixed
+    assert sweep.searched == ["trainer.lr", "model.extra", "model.embedding_dim"]
     lines = report.table(sweep).splitlines()
-    assert lines[0] == "| rank | trial | val/rmse | test/rmse | trainer.lr | model.embedding_dim | best epoch | seconds |"
-    assert lines[2] == "| 1 | 0 | 0.9000 ± 0.0100 | 0.9200 | 0.01 | 8 | 7 | 3.2 |"
-    assert lines[3] == "| — | 1 | — | — | 0.002 | 16 | — | — |"
+    assert lines[0] == ("| rank | trial | val/rmse | test/rmse | trainer.lr | model.extra | model.embedding_dim "
+                        "| best epoch | seconds |")
+    assert lines[2] == "| 1 | 0 | 0.9000 ± 0.0100 | 0.9200 | 0.01 | 1 | 8 | 7 | 3.2 |"
+    assert lines[3] == "| — | 1 | — | — | 0.002 | 1 | 16 | — | — |"
 
 
 def test_command_drops_sweep_settings_and_names_groups_the_search_config_chose(tmp_path):

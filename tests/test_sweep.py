@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, compose_cfg
 from recsys_torch import report
@@ -81,6 +82,9 @@ def test_resumed_sweep_keeps_finished_trials_and_counts_them_in_n_trials(optuna_
     study = optuna.load_study(study_name="mf_optuna", storage=sqlite_storage(str(sweep_dir / "optuna.db")))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert "resuming study mf_optuna: 2 of 3 trials finished, running 1 more" in resumed.stdout + resumed.stderr
+    # the first trial measured the config's own values (the defaults the sweep must beat)
+    defaults = compose_cfg([])
+    assert {k: float(v) for k, v in first["0"].items()} == {k: float(OmegaConf.select(defaults, k)) for k in first["0"]}
     # the first session's folders are untouched, the new trial got the next number and new values
     assert {name: trial_params(sweep_dir / name) for name in ("0", "1")} == first
     assert trial_params(sweep_dir / "2") not in first.values()
@@ -188,7 +192,6 @@ def test_search_configs_optimize_a_validation_metric_their_runs_report(search, m
 
 def test_recorder_numbers_new_trials_after_the_folders_already_there(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from recsys_torch import callbacks
 
@@ -203,3 +206,17 @@ def test_recorder_numbers_new_trials_after_the_folders_already_there(tmp_path, m
     assert "hydra.sweep.subdir='${trial_dir:${hydra.job.num}}'" in overrides
     budget = read_json(tmp_path / "budget.json")
     assert (budget["n_trials"], len(budget["sessions"]), budget["sessions"][0]["ended"]) == (0, 1, None)
+
+
+@needs_optuna
+def test_config_values_outside_the_search_space_are_not_queued():
+    from hydra import compose, initialize_config_dir
+
+    from recsys_torch.callbacks import config_values_in_space
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hparams_search=hybrid_optuna", "model.embedding_dim=48", "trainer.lr=0.003"])
+    values = config_values_in_space(cfg)
+    assert "model.embedding_dim" not in values  # 48 is not among the choices
+    assert values["trainer.lr"] == 0.003 and values["model.fusion"] == cfg.model.fusion
