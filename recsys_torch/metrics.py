@@ -123,6 +123,24 @@ def top_k(model: FactorizationModel, users: torch.Tensor, k: int, exclude: torch
     return idx, values.float()
 
 
+def _per_user_at_k(hits: torch.Tensor, n_true: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per-user precision, recall, ndcg, hr, map and mrr at ``k`` from ``hits`` ``[U, >=k]``."""
+    h = hits[:, :k].double()
+    n_hit = h.sum(1)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    ideal = torch.cumsum(discounts, 0)[(torch.clamp(n_true, max=k) - 1).long()]
+    rank = torch.arange(1, k + 1, dtype=torch.float64)
+    first = torch.where(h.any(1), 1.0 / (h.argmax(1).double() + 1), torch.zeros_like(n_hit))
+    return {
+        "precision": n_hit / k,
+        "recall": n_hit / n_true,
+        "ndcg": (h * discounts).sum(1) / ideal,
+        "hr": (n_hit > 0).double(),
+        "map": ((torch.cumsum(h, 1) / rank) * h).sum(1) / torch.clamp(n_true, max=k),
+        "mrr": first,
+    }
+
+
 @torch.no_grad()
 def ranking_metrics(
     model: FactorizationModel,
@@ -138,11 +156,12 @@ def ranking_metrics(
     ``exclude``: parts whose items are masked per user (training, and validation when testing);
     ``train`` gives popularity counts; ``candidates`` (boolean over items) restricts the catalog,
     by default to the items seen in ``train``. Test items outside the candidates count as misses.
+    Users are scored ``batch_size`` at a time; only their top ``max(ks)`` are kept, and every sum
+    is taken once over all users, so the result is the same for any ``batch_size``.
     """
     was_training = model.training
     model.eval()
-    n_items = model.n_items
-    n_users = model.n_users
+    n_items, n_users = model.n_items, model.n_users
     if candidates is None:
         candidates = train.known_items().cpu()
     popularity = train.item_counts().cpu().double()
@@ -150,11 +169,7 @@ def ranking_metrics(
     ex_ptrs = [_csr(part, n_users) for part in exclude]
     eval_users = torch.nonzero(test_ptr[1:] > test_ptr[:-1]).squeeze(1)
     k_max = max(ks)
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in RANKING_METRICS if m not in ("coverage", "avg_popularity")}
-    recommended = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
-    pop_sum = {k: 0.0 for k in ks}
-    n_shown = {k: 0 for k in ks}
-    discounts = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))
+    tops, reals, hits, n_true = [], [], [], []
     for users in eval_users.split(batch_size):
         excl = None
         for ptr, idx in ex_ptrs:
@@ -163,30 +178,21 @@ def ranking_metrics(
         truth = _dense_rows(test_ptr, test_idx, users, n_items)
         top, values = top_k(model, users, k_max, excl, candidates)
         real = torch.isfinite(values)  # a masked item is never a recommendation
-        hits = (torch.gather(truth, 1, top) & real).double()  # [B, k_max]
-        n_true = truth.sum(1).double()
-        for k in ks:
-            h = hits[:, :k]
-            n_hit = h.sum(1)
-            ideal = torch.cumsum(discounts[:k], 0)[(torch.clamp(n_true, max=k) - 1).long()]
-            first = torch.where(h.any(1), 1.0 / (h.argmax(1).double() + 1), torch.zeros(len(users), dtype=torch.float64))
-            prec_at = torch.cumsum(h, 1) / torch.arange(1, k + 1, dtype=torch.float64)
-            sums[f"precision@{k}"] += float((n_hit / k).sum())
-            sums[f"recall@{k}"] += float((n_hit / n_true).sum())
-            sums[f"ndcg@{k}"] += float(((h * discounts[:k]).sum(1) / ideal).sum())
-            sums[f"hr@{k}"] += float((n_hit > 0).double().sum())
-            sums[f"map@{k}"] += float(((prec_at * h).sum(1) / torch.clamp(n_true, max=k)).sum())
-            sums[f"mrr@{k}"] += float(first.sum())
-            shown = top[:, :k][real[:, :k]]
-            recommended[k][shown] = True
-            pop_sum[k] += float(popularity[shown].sum())
-            n_shown[k] += len(shown)
+        tops.append(top)
+        reals.append(real)
+        hits.append(torch.gather(truth, 1, top) & real)
+        n_true.append(truth.sum(1).double())
     model.train(was_training)
-    n_eval = max(len(eval_users), 1)
-    out = {key: value / n_eval for key, value in sums.items()}
+    if len(eval_users) == 0:
+        return {**{f"{m}@{k}": math.nan for k in ks for m in RANKING_METRICS}, "n_users": 0.0}
+    top, real, hit, n_true = torch.cat(tops), torch.cat(reals), torch.cat(hits), torch.cat(n_true)
+    out: dict[str, float] = {}
     for k in ks:
-        out[f"coverage@{k}"] = float(recommended[k].sum()) / max(int(candidates.sum()), 1)
+        for name, per_user in _per_user_at_k(hit, n_true, k).items():
+            out[f"{name}@{k}"] = float(per_user.mean())
+        shown = top[:, :k][real[:, :k]]
+        out[f"coverage@{k}"] = float(torch.unique(shown).numel()) / max(int(candidates.sum()), 1)
         # per item shown: a catalog smaller than k shows fewer than k items
-        out[f"avg_popularity@{k}"] = pop_sum[k] / max(n_shown[k], 1)
+        out[f"avg_popularity@{k}"] = float(popularity[shown].mean()) if len(shown) else 0.0
     out["n_users"] = float(len(eval_users))
     return out

@@ -47,6 +47,8 @@ class RankingTask:
 
     name = "ranking"
     mode = "max"
+    MAX_REDRAWS = 50  # a user with 3/4 of the sampling mass as positives keeps 1 draw in 2e6
+    EVAL_CELLS = 1 << 24  # user x item scores held at once when evaluating (bounded memory)
 
     def __init__(self, threshold: float | None = 4.0, loss: str = "bpr", n_negatives: int = 1,
                  sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
@@ -88,25 +90,30 @@ class RankingTask:
         self.positive_keys = torch.sort(keys).values
 
     def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        keys = users.unsqueeze(1) * self.n_items + items
+        """Per (user, item) pair of equal-shaped tensors: is it a training positive?"""
+        keys = users * self.n_items + items
         pos = torch.searchsorted(self.positive_keys, keys).clamp(max=len(self.positive_keys) - 1)
         return self.positive_keys[pos] == keys
 
+    def _draw(self, n: int) -> torch.Tensor:
+        u = torch.rand(n, generator=self.generator, device=self.cdf.device)
+        return torch.searchsorted(self.cdf, u).clamp(max=self.n_items - 1)
+
     def sample(self, users: torch.Tensor) -> torch.Tensor:
-        """``[B, n_negatives]`` item codes; known positives are redrawn (up to 3 tries)."""
-        shape = (len(users), self.n_negatives)
-
-        def draw(n):
-            u = torch.rand(n, generator=self.generator, device=self.cdf.device)
-            return torch.searchsorted(self.cdf, u).clamp(max=self.n_items - 1)
-
-        neg = draw(shape[0] * shape[1]).view(shape)
-        if self.reject_positives:
-            for _ in range(3):
-                bad = self._is_positive(users, neg)
-                if not bool(bad.any()):
-                    break
-                neg = torch.where(bad, draw(shape[0] * shape[1]).view(shape), neg)
+        """``[B, n_negatives]`` item codes. With ``reject_positives`` each draw that hits a known
+        positive is redrawn, up to ``MAX_REDRAWS`` times; each round redraws and checks only the
+        draws still rejected, so a round costs little."""
+        neg = self._draw(len(users) * self.n_negatives).view(len(users), self.n_negatives)
+        if not self.reject_positives:
+            return neg
+        rows, cols = self._is_positive(users.unsqueeze(1).expand_as(neg), neg).nonzero(as_tuple=True)
+        for _ in range(self.MAX_REDRAWS):
+            if len(rows) == 0:
+                break
+            fresh = self._draw(len(rows))
+            neg[rows, cols] = fresh
+            still = self._is_positive(users[rows], fresh)
+            rows, cols = rows[still], cols[still]
         return neg
 
     def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
@@ -129,5 +136,6 @@ class RankingTask:
         candidates = train.known_items().cpu()
         if getattr(model, "scores_unknown_items", False):
             candidates = torch.ones_like(candidates)
-        return metrics.ranking_metrics(model, data, [train, *exclude], train, self.ks,
-                                       batch_size or self.eval_batch_size, candidates)
+        # the trainer passes its pair-scoring batch size; a ranking chunk is users x every item
+        users_per_chunk = min(batch_size or self.eval_batch_size, max(1, self.EVAL_CELLS // max(train.n_items, 1)))
+        return metrics.ranking_metrics(model, data, [train, *exclude], train, self.ks, users_per_chunk, candidates)
