@@ -12,7 +12,6 @@ import tempfile
 import warnings
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from recsys_torch.data.features import Features
 from recsys_torch.errors import CheckpointError
@@ -89,9 +88,11 @@ def atomic_torch_save(path: str, obj: dict) -> None:
     _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def save_checkpoint(path: str, model, cfg: DictConfig | dict, dataset, train, metrics: dict | None = None) -> None:
+def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None = None) -> None:
     """Weights, id maps, feature tables, the training interactions (to exclude rated items when
     recommending) and the resolved config."""
+    from omegaconf import DictConfig, OmegaConf  # only for writing: loading stays light
+
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     inter = dataset.interactions
     state = {

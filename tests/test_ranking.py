@@ -255,8 +255,6 @@ def test_ranking_experiments_set_up_the_protocol_and_run(experiment, tmp_path):
     assert {"val/ndcg@10", "test/ndcg@10", "test/recall@10", "test/precision@10"} <= set(metrics)
 
 
-@pytest.mark.xfail(strict=True, reason="configs/train.yaml lists _self_ last, so its optimized_metric overrides "
-                                       "the experiment's; moving _self_ to the top of its defaults fixes it")
 def test_ranking_experiment_optimizes_validation_ndcg():
     from conftest import compose_cfg
 

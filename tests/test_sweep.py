@@ -168,9 +168,7 @@ def test_basic_sweeper_runs_a_grid_and_report_reads_it(tmp_path):
 @pytest.mark.parametrize("search, metric, direction", [
     ("mf_optuna", "val/rmse", "minimize"),
     ("hybrid_optuna", "val/rmse", "minimize"),
-    pytest.param("ranking_optuna", "val/ndcg@10", "maximize", marks=pytest.mark.xfail(
-        strict=True, reason="configs/train.yaml lists _self_ last, so its optimized_metric overrides the "
-                            "hparams_search config's; moving _self_ to the top of its defaults fixes it")),
+    ("ranking_optuna", "val/ndcg@10", "maximize"),
 ])
 @needs_optuna
 def test_search_configs_optimize_a_validation_metric_their_runs_report(search, metric, direction, tmp_path):

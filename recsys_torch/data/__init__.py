@@ -1,8 +1,23 @@
-"""Data: loaders return a RawDataset; `encode` turns it into Interactions and Features."""
+"""Data: loaders return a RawDataset; `encode` turns it into Interactions and Features.
 
-from recsys_torch.data.dataset import Dataset, encode
-from recsys_torch.data.features import Features
-from recsys_torch.data.interactions import Interactions
-from recsys_torch.data.raw import RawDataset
+Names are imported on first use, so code that only needs `Interactions` or `Features` (e.g. loading a
+checkpoint to recommend) does not pay for pandas.
+"""
 
-__all__ = ["Dataset", "encode", "Features", "Interactions", "RawDataset"]
+import importlib
+
+_WHERE = {
+    "Dataset": "recsys_torch.data.dataset",
+    "encode": "recsys_torch.data.dataset",
+    "Features": "recsys_torch.data.features",
+    "Interactions": "recsys_torch.data.interactions",
+    "RawDataset": "recsys_torch.data.raw",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'recsys_torch.data' has no attribute {name!r}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-import pandas as pd
 import torch
 
 from recsys_torch.errors import DataError
@@ -76,6 +75,8 @@ def parse_spec(kind: str, column: str) -> tuple[str, str | None]:
 def id_strings(values: pd.Series) -> pd.Series:
     """Raw ids as the strings ``encode`` keys entities by. A csv column of integer ids with an empty
     cell is read as floats, and "10.0" must still find the ratings' "10"."""
+    import pandas as pd  # here, not at the top: loading a checkpoint should not import pandas
+
     if pd.api.types.is_float_dtype(values):
         whole = values.dropna()
         if (whole == whole.round()).all():
@@ -96,6 +97,8 @@ def build_features(
     ``codes`` maps a raw id (as a string) to its code. Rows whose id is not in ``codes`` are dropped
     and counted (the second return value). Entities without a row get an empty bag.
     """
+    import pandas as pd
+
     if id_column not in table.columns:
         raise DataError(f"{what} feature table has no id column {id_column!r} (columns: {list(table.columns)})")
     missing = [c for c in spec if c not in table.columns]
