@@ -409,10 +409,13 @@ class Trainer:
         n = len(data)
         if self.shuffle == "full":
             return torch.randperm(n, generator=self.generator, device=self.device)
-        by_user = torch.argsort(data.users, stable=True)
-        counts = torch.bincount(data.users, minlength=data.n_users)
-        starts = torch.cumsum(counts, 0) - counts
-        present = torch.nonzero(counts).squeeze(1)
+        cached = getattr(self, "_user_blocks", None)
+        if cached is None or cached[0] is not data.users:  # sort once per fit, not per epoch
+            by_user = torch.argsort(data.users, stable=True)
+            counts = torch.bincount(data.users, minlength=data.n_users)
+            cached = self._user_blocks = (data.users, by_user, counts, torch.cumsum(counts, 0) - counts,
+                                          torch.nonzero(counts).squeeze(1))
+        _, by_user, counts, starts, present = cached
         order = present[torch.randperm(len(present), generator=self.generator, device=self.device)]
         lengths = counts[order]
         offsets = torch.cumsum(lengths, 0) - lengths  # where each user's block lands
