@@ -393,8 +393,14 @@ def write_report(sweep: Sweep, out_dir: str, run_command: str, top: int = 5) -> 
     ``out_dir``; returns the paths written by name."""
     os.makedirs(out_dir, exist_ok=True)
     written = {}
-    plots = {"curves": plot_curves(sweep, os.path.join(out_dir, "curves.png"), top),
-             "params": plot_params(sweep, os.path.join(out_dir, "params.png"))}
+    try:
+        import matplotlib  # noqa: F401  (the sweep extra)
+        plots = {"curves": plot_curves(sweep, os.path.join(out_dir, "curves.png"), top),
+                 "params": plot_params(sweep, os.path.join(out_dir, "params.png"))}
+        note = []
+    except ImportError:
+        plots = {"curves": False, "params": False}
+        note = ["(plots need matplotlib: `pip install -e \".[sweep]\"`)", ""]
     best = sweep.best
     lines = [
         f"# {os.path.basename(os.path.abspath(sweep.root))}: {sweep.objective} ({sweep.direction})", "",
@@ -408,6 +414,7 @@ def write_report(sweep: Sweep, out_dir: str, run_command: str, top: int = 5) -> 
         lines += [f"![{sweep.objective} per epoch of the best trials](curves.png)", ""]
     if plots["params"]:
         lines += [f"![{sweep.objective} against each searched parameter](params.png)", ""]
+    lines += note
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines))

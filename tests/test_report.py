@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shlex
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -185,3 +186,12 @@ def test_script_reports_user_errors_in_one_line(tmp_path, capsys, case, message)
     assert script().main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_without_matplotlib_the_report_is_written_without_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    for name, value in [("0", 0.93), ("1", 0.91)]:
+        make_trial(tmp_path / "sweep", name, [f"model.reg={name}"], {"val/rmse": value}, curve=[value])
+    written = report.write_report(report.load(str(tmp_path / "sweep")), str(tmp_path / "out"), "python x")
+    assert set(written) == {"report"}
+    assert "plots need matplotlib" in (tmp_path / "out" / "report.md").read_text()
