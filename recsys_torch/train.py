@@ -306,6 +306,13 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(user_error, TrainingInterrupted):
             fail(str(user_error), 128 + user_error.signum)
         if user_error is not None:
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                # in a sweep a bad trial (e.g. a diverging learning rate) fails alone: the sweeper
+                # records it and goes on, where exiting would end the whole sweep
+                log.error("trial failed: %s", user_error)
+                raise user_error from None
             fail(str(user_error))
         message = _instantiation_error(exc)
         if message is None:

@@ -218,3 +218,18 @@ def test_config_values_outside_the_search_space_are_not_queued():
     values = config_values_in_space(cfg)
     assert "model.embedding_dim" not in values  # 48 is not among the choices
     assert values["trainer.lr"] == 0.003 and values["model.fusion"] == cfg.model.fusion
+
+
+def test_a_failing_trial_does_not_end_the_sweep(tmp_path):
+    """A user error inside one trial of a sweep fails that trial alone; later trials still run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "-m", "data=synthetic", "data.n_ratings=2000", "trainer.epochs=1",
+         "logger=none", "trainer.progress=false", "trainer.lr=-1,0.01", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert "trainer.lr must be > 0" in proc.stderr
+    assert not (tmp_path / "0" / "metrics.json").exists()
+    assert (tmp_path / "1" / "metrics.json").exists(), proc.stderr[-2000:]
