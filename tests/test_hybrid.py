@@ -127,14 +127,18 @@ def test_unknown_entity_gets_exactly_its_feature_part(fusion):
         assert not torch.allclose(known_vec, model.item_tower(torch.tensor([0]))[0])
 
 
-def test_id_dropout_scores_training_examples_from_features():
-    model = HybridModel(N_USERS, N_ITEMS, item_feats(), None, embedding_dim=4, fusion="gated", id_dropout=1.0)
+@pytest.mark.parametrize("dropout", [{"id_dropout": 1.0}, {"user_id_dropout": 1.0}, {"item_id_dropout": 1.0}])
+def test_id_dropout_scores_training_examples_from_features(dropout):
+    model = HybridModel(N_USERS, N_ITEMS, item_feats(), user_feats(), embedding_dim=4, fusion="gated",
+                        implicit=True, **dropout)
     model.prepare(full_train())
-    ids = torch.arange(N_ITEMS - 1)
-    model.train()
-    assert torch.allclose(model.item_side(ids).vector, model.item_tower(ids)[0])
-    model.eval()  # no dropout at prediction time
-    assert not torch.allclose(model.item_side(ids).vector, model.item_tower(ids)[0])
+    users, items = torch.arange(N_USERS - 1), torch.arange(N_ITEMS - 1)
+    for train_mode in (True, False):  # no dropout at prediction time
+        model.train(train_mode)
+        user_dropped = torch.allclose(model.user_side(users).vector, model.user_tower(users)[0])
+        item_dropped = torch.allclose(model.item_side(items).vector, model.item_tower(items)[0])
+        assert user_dropped == (train_mode and "item_id_dropout" not in dropout)
+        assert item_dropped == (train_mode and "user_id_dropout" not in dropout)
 
 
 # ---- gated fusion ignores a pure-noise feature -----------------------------------------------------
@@ -248,6 +252,8 @@ def test_hybrid_without_features_is_mf_and_ranks_known_items_only():
 def test_unknown_options_are_config_errors():
     with pytest.raises(ConfigError, match="fusion"):
         HybridModel(N_USERS, N_ITEMS, item_feats(), None, fusion="product")
+    with pytest.raises(ConfigError, match="item_id_dropout"):
+        HybridModel(N_USERS, N_ITEMS, item_feats(), None, item_id_dropout=1.5)
     with pytest.raises(ConfigError, match="user_tower"):
         ContentModel(N_USERS, N_ITEMS, item_feats(), None, user_tower="ids")
 
@@ -292,7 +298,7 @@ def _fit_predict(cls, dataset, **kwargs) -> torch.Tensor:
 
 HYBRID_CHANGES = [{"embedding_dim": 8}, {"fusion": "gated"}, {"fusion": "concat"}, {"hidden": [8]},
                   {"implicit": True}, {"use_item_features": False}, {"use_user_features": False},
-                  {"id_dropout": 0.5}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3},
+                  {"user_id_dropout": 0.5}, {"item_id_dropout": 0.5}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3},
                   {"implicit": True, "reg_implicit": 5.0}]
 CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, {"user_tower": "features"},
                    {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3}]
@@ -311,7 +317,7 @@ def test_every_hyperparameter_changes_the_model(tiny_raw, cls, changes):
 # ---- through the real configs -----------------------------------------------------------------------
 @pytest.mark.parametrize("overrides", [
     ["model=content", "split=cold_item"],
-    ["model=hybrid", "split=cold_user", "model.fusion=gated", "model.implicit=true", "model.id_dropout=0.2"],
+    ["model=hybrid", "split=cold_user", "model.fusion=gated", "model.implicit=true", "model.user_id_dropout=0.2"],
     ["model=hybrid", "split=cold_item", "model.fusion=concat", "model.hidden=[8]"],
 ])
 def test_cold_splits_end_to_end(compose, tmp_path, overrides):

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from recsys_torch.data.features import Features
+from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
-from recsys_torch.models.layers import FeatureTower, as_features
+from recsys_torch.models.layers import FeatureTower, as_features, damped_biases
 
 USER_TOWERS = ("id", "features", "both")
 
@@ -22,7 +23,8 @@ class ContentModel(FactorizationModel):
     training items learn and unknown items lack (masked to zero). The user vector is a user id
     embedding (``user_tower=id``), the user feature tower (``features``) or their sum (``both``); a
     user unseen in training keeps only the feature part. ``reg`` weighs the squared norms of the id
-    rows and feature rows used, ``reg_bias`` those of the biases.
+    rows and feature rows used, ``reg_bias`` those of the biases; ``bias_init_damping`` starts the id
+    biases at damped means (:func:`.layers.damped_biases`) rather than at zero.
     """
 
     scores_unknown_items = True
@@ -41,6 +43,7 @@ class ContentModel(FactorizationModel):
         reg_bias: float = 0.01,
         reg_features: float | None = None,
         init_std: float = 0.1,
+        bias_init_damping: float | None = None,
         reg_exponent: float = 0.0,
         **_unused,
     ) -> None:
@@ -56,6 +59,7 @@ class ContentModel(FactorizationModel):
         if user_tower == "features" and user_features is None:
             raise ConfigError("model.user_tower=features needs user features, and this data set has none "
                               "(use user_tower=id or both, or add data.users=...)")
+        self.bias_init_damping = None if bias_init_damping is None else float(bias_init_damping)
         self.embedding_dim = int(embedding_dim)
         self.reg = float(reg)
         self.reg_bias = float(reg_bias)
@@ -70,6 +74,15 @@ class ContentModel(FactorizationModel):
             self.user_tower = FeatureTower(user_features, self.embedding_dim, hidden, reg_features, reg_bias,
                                            init_std)
         self.user_bias = bias_embedding(n_users)
+
+    @torch.no_grad()
+    def prepare(self, train: Interactions) -> None:
+        super().prepare(train)
+        if self.bias_init_damping is not None:
+            b_u, b_i = damped_biases(train, self.global_bias, self.n_users, self.n_items, self.bias_init_damping)
+            self.user_bias.weight.copy_(b_u.unsqueeze(1))
+            if self.item_bias is not None:
+                self.item_bias.weight.copy_(b_i.unsqueeze(1))
 
     def user_side(self, users: torch.Tensor) -> Side:
         k = self._known(self.known_users, users)

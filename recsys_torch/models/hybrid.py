@@ -9,8 +9,16 @@ import torch
 
 from recsys_torch.data.features import Features
 from recsys_torch.data.interactions import Interactions
+from recsys_torch.errors import ConfigError
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
-from recsys_torch.models.layers import FeatureTower, Fusion, ImplicitFeedback, as_features
+from recsys_torch.models.layers import FeatureTower, Fusion, ImplicitFeedback, as_features, damped_biases
+
+
+def _probability(name: str, value) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"model.{name} must be a probability in [0, 1], got {value}")
+    return value
 
 
 class HybridModel(FactorizationModel):
@@ -21,10 +29,15 @@ class HybridModel(FactorizationModel):
     with no features at all this is biased MF (plus SVD++ with ``implicit``). An id unseen in training
     has its id vector and id bias masked: it is scored from its features.
 
-    ``id_dropout``: during training, each example's user and item id parts are dropped (as if unseen)
-    with this probability, so the feature towers also learn to score on their own, as they must for
-    cold entities (DropoutNet). ``reg`` weighs the squared norms of the id and feature rows used,
-    ``reg_bias`` the biases, ``reg_implicit`` the ``y_j`` rows.
+    ``user_id_dropout`` / ``item_id_dropout`` (both ``id_dropout`` unless set): during training, each
+    example's user (item) id part is dropped, as if the id were unseen, with this probability, so the feature towers also learn to
+    score on their own, as they must for cold users (items) (DropoutNet). A dropped user also loses
+    its SVD++ term: a new user has no rating history either.
+
+    ``reg`` weighs the squared norms of the id rows used (times ``count ** -reg_exponent``),
+    ``reg_bias`` the id biases, ``reg_features`` the feature towers, ``reg_implicit`` the ``y_j`` rows.
+    ``bias_init_damping``: start the id biases at damped means (:func:`.layers.damped_biases`)
+    rather than at zero.
     """
 
     def __init__(
@@ -40,11 +53,14 @@ class HybridModel(FactorizationModel):
         use_item_features: bool = True,
         use_user_features: bool = True,
         id_dropout: float = 0.0,
+        user_id_dropout: float | None = None,
+        item_id_dropout: float | None = None,
         reg: float = 0.05,
         reg_bias: float = 0.01,
         reg_features: float | None = None,
         reg_implicit: float | None = None,
         init_std: float = 0.1,
+        bias_init_damping: float | None = None,
         reg_exponent: float = 0.0,
         **_unused,
     ) -> None:
@@ -53,7 +69,10 @@ class HybridModel(FactorizationModel):
         self.embedding_dim = d = int(embedding_dim)
         self.reg = float(reg)
         self.reg_bias = float(reg_bias)
-        self.id_dropout = float(id_dropout)
+        self.bias_init_damping = None if bias_init_damping is None else float(bias_init_damping)
+        id_dropout = _probability("id_dropout", id_dropout)
+        self.user_id_dropout = _probability("user_id_dropout", id_dropout if user_id_dropout is None else user_id_dropout)
+        self.item_id_dropout = _probability("item_id_dropout", id_dropout if item_id_dropout is None else item_id_dropout)
         reg_features = self.reg if reg_features is None else float(reg_features)
         self.user_factors = id_embedding(n_users, d, init_std)
         self.item_factors = id_embedding(n_items, d, init_std)
@@ -80,12 +99,16 @@ class HybridModel(FactorizationModel):
         super().prepare(train)
         if self.implicit is not None:
             self.implicit.set_items(train.users, train.items)
+        if self.bias_init_damping is not None:
+            b_u, b_i = damped_biases(train, self.global_bias, self.n_users, self.n_items, self.bias_init_damping)
+            self.user_bias.weight.copy_(b_u.unsqueeze(1))
+            self.item_bias.weight.copy_(b_i.unsqueeze(1))
 
-    def _id_weight(self, known: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _id_weight(self, known: torch.Tensor, ids: torch.Tensor, dropout: float) -> torch.Tensor:
         """0/1 per example: is the id part used? Unknown ids never; known ones but for id dropout."""
         k = self._known(known, ids)
-        if self.training and self.id_dropout > 0:
-            k = k * (torch.rand(k.shape, device=k.device) >= self.id_dropout).to(k.dtype)
+        if self.training and dropout > 0:
+            k = k * (torch.rand(k.shape, device=k.device) >= dropout).to(k.dtype)
         return k
 
     def _side(self, side: str, ids, k, factors, biases, tower, fusion) -> Side:
@@ -100,14 +123,13 @@ class HybridModel(FactorizationModel):
         return Side(vector, bias, penalty + fp)
 
     def user_side(self, users: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_users, users)
+        k = self._id_weight(self.known_users, users, self.user_id_dropout)
         s = self._side("user", users, k, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
         if self.implicit is None:
             return s
-        # a user dropped for id dropout is treated as new: no rating history either
         y, yp = self.implicit(users)
         return Side(s.vector + y * k.unsqueeze(-1), s.bias, s.penalty + yp * k)
 
     def item_side(self, items: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_items, items)
+        k = self._id_weight(self.known_items, items, self.item_id_dropout)
         return self._side("item", items, k, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)

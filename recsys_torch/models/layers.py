@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recsys_torch.data.features import Features
+from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
 
 FUSIONS = ("sum", "gated", "concat")
@@ -25,6 +27,24 @@ def as_features(obj) -> Features | None:
         return obj
     return Features(index=obj.index, weight=obj.weight, dense=obj.dense, vocab=list(obj.vocab),
                     dense_names=list(obj.dense_names), present=obj.present)
+
+
+@torch.no_grad()
+def damped_biases(train: Interactions, mu: torch.Tensor, n_users: int, n_items: int,
+                  damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Koren's baseline estimates: ``b_i = sum(r - mu) / (n_i + damping)``, then
+    ``b_u = sum(r - mu - b_i) / (n_u + damping)``. Starting the id biases here rather than at zero
+    means an early-stopped model keeps item effects as good as a damped item mean (which is what
+    the popularity model predicts), instead of whatever a few epochs of gradient steps reached."""
+    device = mu.device
+    users, items = train.users.to(device), train.items.to(device)
+    resid = train.ratings.to(device).to(mu.dtype) - mu
+    item_n = torch.bincount(items, minlength=n_items).to(mu.dtype)
+    b_i = torch.zeros(n_items, dtype=mu.dtype, device=device).index_add_(0, items, resid) / (item_n + damping)
+    resid = resid - b_i.index_select(0, items)
+    user_n = torch.bincount(users, minlength=n_users).to(mu.dtype)
+    b_u = torch.zeros(n_users, dtype=mu.dtype, device=device).index_add_(0, users, resid) / (user_n + damping)
+    return b_u, b_i
 
 
 class FeatureTower(nn.Module):
@@ -149,17 +169,18 @@ class ImplicitFeedback(nn.Module):
     """The SVD++ term ``|N(u)|^-1/2 * sum_{j in N(u)} y_j`` over the items each user rated in training.
 
     :meth:`set_items` stores the training items per user as CSR (``indptr``, ``indices``); a batch
-    gathers the rows of its distinct users in one vectorized step and sums them per user with
-    ``index_add_`` (one gather serves both the sum and the penalty on the rows, which an
-    ``EmbeddingBag`` could not give). The penalty is ``reg`` times the mean squared norm of the
-    user's ``y_j`` rows. The CSR buffers are saved with the weights and resized on load.
+    turns its distinct users' CSR segments into one ``EmbeddingBag(mode="sum")`` call. The penalty is
+    ``reg`` times the mean squared norm of the user's ``y_j`` rows, a second bag over the rows' squared
+    norms. ``y`` is a dense table: a batch touches every item its users rated, which on rating data is
+    far more rows than the catalog has, so a dense gradient is the smaller one. The CSR buffers are
+    saved with the weights and resized on load.
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int, reg: float = 0.0, init_std: float = 0.01) -> None:
         super().__init__()
         self.n_users = int(n_users)
         self.reg = float(reg)
-        self.y = nn.Embedding(n_items, dim, sparse=True)
+        self.y = nn.EmbeddingBag(n_items, dim, mode="sum")
         nn.init.normal_(self.y.weight, 0.0, init_std)
         self.register_buffer("indptr", torch.zeros(self.n_users + 1, dtype=torch.long))
         self.register_buffer("indices", torch.zeros(0, dtype=torch.long))
@@ -185,12 +206,11 @@ class ImplicitFeedback(nn.Module):
         starts = self.indptr.index_select(0, uniq)
         lengths = self.indptr.index_select(0, uniq + 1) - starts
         owner = torch.repeat_interleave(torch.arange(len(uniq), device=users.device), lengths)
-        first = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(owner.numel(), device=users.device) - first.index_select(0, owner)
-        rows = self.y(self.indices.index_select(0, starts.index_select(0, owner) + pos))
-        n = lengths.clamp(min=1).to(rows.dtype)
-        summed = rows.new_zeros(len(uniq), rows.shape[1]).index_add_(0, owner, rows)
-        sq = rows.new_zeros(len(uniq)).index_add_(0, owner, rows.pow(2).sum(1))
-        vector = summed * n.rsqrt().unsqueeze(-1)
-        penalty = self.reg * sq / n
+        offsets = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(owner.numel(), device=users.device) - offsets.index_select(0, owner)
+        flat = self.indices.index_select(0, starts.index_select(0, owner) + pos)
+        norm = lengths.clamp(min=1).to(self.y.weight.dtype).rsqrt()
+        vector = self.y(flat, offsets, per_sample_weights=norm.index_select(0, owner))
+        row_sq = self.y.weight.pow(2).sum(1, keepdim=True)
+        penalty = self.reg * F.embedding_bag(flat, row_sq, offsets, mode="mean").squeeze(1)
         return vector.index_select(0, inverse), penalty.index_select(0, inverse)
