@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,23 @@ def test_cold_splits_end_to_end(compose, tmp_path, overrides):
     assert math.isfinite(metrics["test/cold/rmse"]) and metrics["test/cold/rmse"] == metrics["test/rmse"]
     assert metrics["n_test_unknown_items"] + metrics["n_test_unknown_users"] > 0
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cold_start_table_script_writes_a_markdown_table(tmp_path):
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cold_start_table", repo / "scripts" / "cold_start_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "table.md"
+    tiny = ["data=synthetic", "data.n_users=60", "data.n_items=40", "data.n_ratings=1200", "trainer.epochs=1"]
+    text = script.main(["--seeds", "1", "--out", str(out), *tiny])
+    assert out.read_text() == text
+    rmse_table, wins_table = text.split("\n\n")[:2]
+    rows = [line for line in rmse_table.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == list(script.MODELS)
+    for row in rows:
+        cells = [c.strip(" *") for c in row.split("|")[2:-1]]
+        assert len(cells) == 3 and all(math.isfinite(float(c)) for c in cells)
+    assert "| `hybrid` against | `popularity` " in wins_table
