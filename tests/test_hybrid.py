@@ -167,7 +167,8 @@ def test_gated_fusion_learns_to_ignore_a_noise_feature_that_hurts_sum():
         torch.manual_seed(0)
         model = HybridModel(inter.n_users, inter.n_items, feats, None, embedding_dim=8,
                             fusion="sum" if fusion == "none" else fusion, reg=0.02)
-        Trainer(epochs=60, batch_size=512, lr=0.02, patience=5, progress=False, seed=0).fit(model, split.train, split.val)
+        trainer = Trainer(epochs=60, batch_size=512, lr=0.02, patience=5, progress=False, seed=0)
+        trainer.fit(model, split.train, split.val)
         rmse[fusion], models[fusion] = rating_metrics(model, split.test)["rmse"], model
     assert rmse["sum"] > rmse["none"] + 0.01  # the premise: the noise hurts sum fusion
     assert rmse["gated"] < rmse["sum"] - 0.01
@@ -299,10 +300,12 @@ def _fit_predict(cls, dataset, **kwargs) -> torch.Tensor:
 
 HYBRID_CHANGES = [{"embedding_dim": 8}, {"fusion": "gated"}, {"fusion": "concat"}, {"hidden": [8]},
                   {"implicit": True}, {"use_item_features": False}, {"use_user_features": False},
-                  {"user_id_dropout": 0.5}, {"item_id_dropout": 0.5}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3},
-                  {"implicit": True, "reg_implicit": 5.0}]
+                  {"id_dropout": 0.5}, {"user_id_dropout": 0.5}, {"item_id_dropout": 0.5}, {"reg": 0.5},
+                  {"reg_bias": 0.5}, {"reg_features": 0.5}, {"reg_exponent": 1.0}, {"init_std": 0.3},
+                  {"bias_init_damping": 5.0}, {"implicit": True, "reg_implicit": 5.0}]
 CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, {"user_tower": "features"},
-                   {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5}, {"init_std": 0.3}]
+                   {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5},
+                   {"reg_exponent": 1.0}, {"init_std": 0.3}, {"bias_init_damping": 5.0}]
 
 
 @pytest.mark.parametrize("cls,changes", [(HybridModel, HYBRID_CHANGES), (ContentModel, CONTENT_CHANGES)])
@@ -348,3 +351,22 @@ def test_cold_start_table_script_writes_a_markdown_table(tmp_path):
         cells = [c.strip(" *") for c in row.split("|")[2:-1]]
         assert len(cells) == 3 and all(math.isfinite(float(c)) for c in cells)
     assert "| `hybrid` against | `popularity` " in wins_table
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (HybridModel, {"fusion": "gated", "implicit": True, "hidden": [8]}),
+    (ContentModel, {"user_tower": "both", "hidden": [8]}),
+])
+def test_checkpoint_round_trip(tiny_raw, tmp_path, cls, kwargs):
+    from recsys_torch.io import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    dataset = encode(tiny_raw)
+    split = random_split(dataset.interactions, seed=0)[0]
+    model = cls(dataset.n_users, dataset.n_items, dataset.item_features, dataset.user_features,
+                embedding_dim=4, **kwargs)
+    Trainer(epochs=2, batch_size=128, progress=False).fit(model, split.train, split.val)
+    cfg = {"model": {"_target_": f"{cls.__module__}.{cls.__name__}", "embedding_dim": 4, **kwargs}}
+    save_checkpoint(str(tmp_path / "checkpoint.pt"), model, cfg, dataset, split.train)
+    loaded = model_from_checkpoint(load_checkpoint(str(tmp_path / "checkpoint.pt")))
+    test = split.test
+    assert torch.equal(loaded(test.users, test.items), model.eval()(test.users, test.items))

@@ -30,9 +30,9 @@ class HybridModel(FactorizationModel):
     has its id vector and id bias masked: it is scored from its features.
 
     ``user_id_dropout`` / ``item_id_dropout`` (both ``id_dropout`` unless set): during training, each
-    example's user (item) id part is dropped, as if the id were unseen, with this probability, so the feature towers also learn to
-    score on their own, as they must for cold users (items) (DropoutNet). A dropped user also loses
-    its SVD++ term: a new user has no rating history either.
+    example's user (item) id part is dropped, as if the id were unseen, with this probability, so the
+    feature towers also learn to score on their own, as they must for cold users (items)
+    (DropoutNet). A dropped user also loses its SVD++ term: a new user has no rating history either.
 
     ``reg`` weighs the squared norms of the id rows used (times ``count ** -reg_exponent``),
     ``reg_bias`` the id biases, ``reg_features`` the feature towers, ``reg_implicit`` the ``y_j`` rows.
@@ -71,8 +71,10 @@ class HybridModel(FactorizationModel):
         self.reg_bias = float(reg_bias)
         self.bias_init_damping = None if bias_init_damping is None else float(bias_init_damping)
         id_dropout = _probability("id_dropout", id_dropout)
-        self.user_id_dropout = _probability("user_id_dropout", id_dropout if user_id_dropout is None else user_id_dropout)
-        self.item_id_dropout = _probability("item_id_dropout", id_dropout if item_id_dropout is None else item_id_dropout)
+        user_id_dropout = id_dropout if user_id_dropout is None else user_id_dropout
+        item_id_dropout = id_dropout if item_id_dropout is None else item_id_dropout
+        self.user_id_dropout = _probability("user_id_dropout", user_id_dropout)
+        self.item_id_dropout = _probability("item_id_dropout", item_id_dropout)
         reg_features = self.reg if reg_features is None else float(reg_features)
         self.user_factors = id_embedding(n_users, d, init_std)
         self.item_factors = id_embedding(n_items, d, init_std)
