@@ -126,6 +126,17 @@ def _drop_duplicates(ratings: pd.DataFrame, policy: str, name: str) -> tuple[pd.
     return ratings, n_before - len(ratings)
 
 
+def _side_features(table, spec: dict, ids, what: str, name: str, report: dict) -> Features:
+    """Feature bags of one side (``what``: item or user) over its encoded ids; rows naming ids
+    without ratings are dropped, counted in ``report`` and logged."""
+    index = {r: i for i, r in enumerate(ids)}
+    features, n_unknown = build_features(table, what, spec, index, len(ids), what)
+    report[f"n_{what}_feature_rows_unknown"] = n_unknown
+    if n_unknown:
+        log.warning("%s: %d %s feature row(s) name %ss with no ratings; ignored", name, n_unknown, what, what)
+    return features
+
+
 def encode(raw: RawDataset, duplicates: str = "last") -> Dataset:
     """Encode ids and features. ``duplicates`` says which of repeated (user, item) rows to keep:
     ``last`` (by timestamp when known, else file order), ``first``, ``mean`` or ``error``."""
@@ -155,23 +166,14 @@ def encode(raw: RawDataset, duplicates: str = "last") -> Dataset:
     )
     report = {"n_duplicates_dropped": n_dup}
 
-    item_features = user_features = None
-    titles = None
+    item_features = user_features = titles = None
     if raw.items is not None:
-        item_index = {r: i for i, r in enumerate(item_ids)}
-        item_features, n_unknown = build_features(raw.items, "item", raw.item_spec, item_index, len(item_ids), "item")
-        report["n_item_feature_rows_unknown"] = n_unknown
-        if n_unknown:
-            log.warning("%s: %d item feature row(s) name items with no ratings; ignored", raw.name, n_unknown)
+        item_features = _side_features(raw.items, raw.item_spec, item_ids, "item", raw.name, report)
         if raw.item_title:
             if raw.item_title not in raw.items.columns:
                 raise DataError(f"{raw.name}: item table has no title column {raw.item_title!r}")
             title_of = dict(zip(id_strings(raw.items["item"]), raw.items[raw.item_title].astype(str)))
             titles = [title_of.get(r, str(r)) for r in item_ids]
     if raw.users is not None:
-        user_index = {r: i for i, r in enumerate(user_ids)}
-        user_features, n_unknown = build_features(raw.users, "user", raw.user_spec, user_index, len(user_ids), "user")
-        report["n_user_feature_rows_unknown"] = n_unknown
-        if n_unknown:
-            log.warning("%s: %d user feature row(s) name users with no ratings; ignored", raw.name, n_unknown)
+        user_features = _side_features(raw.users, raw.user_spec, user_ids, "user", raw.name, report)
     return Dataset(inter, item_features, user_features, titles, raw.name, report)
