@@ -185,8 +185,9 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
         # Each fold's initial weights come from its own seed, not from what earlier folds drew, so a
         # resumed run that skips finished folds builds the same models.
         torch.manual_seed(int(cfg.seed) + k)
-        model = instantiate(
-            cfg.model, n_users=inter.n_users, n_items=inter.n_items,
+        # partial, then called: instantiate would turn the Features objects into config nodes
+        model = instantiate(cfg.model, _partial_=True)(
+            n_users=inter.n_users, n_items=inter.n_items,
             item_features=dataset.item_features, user_features=dataset.user_features,
         )
         logger = _logger_for(cfg, output_dir, fold) if main_rank else NullLogger()
