@@ -48,6 +48,7 @@ class RankingTask:
     name = "ranking"
     mode = "max"
     MAX_REDRAWS = 50  # a user with 3/4 of the sampling mass as positives keeps 1 draw in 2e6
+    GPU_REDRAWS = 8
     EVAL_CELLS = 1 << 24  # user x item scores held at once when evaluating (bounded memory)
 
     def __init__(self, threshold: float | None = 4.0, loss: str = "bpr", n_negatives: int = 1,
@@ -105,6 +106,14 @@ class RankingTask:
         draws still rejected, so a round costs little."""
         neg = self._draw(len(users) * self.n_negatives).view(len(users), self.n_negatives)
         if not self.reject_positives:
+            return neg
+        if neg.is_cuda:
+            # nonzero() would stall the stream on a host sync every step: redraw whole-tensor instead,
+            # a fixed number of rounds (each leaves a positive with the probability of hitting one)
+            owners = users.unsqueeze(1).expand_as(neg)
+            for _ in range(self.GPU_REDRAWS):
+                fresh = self._draw(neg.numel()).view_as(neg)
+                neg = torch.where(self._is_positive(owners, neg), fresh, neg)
             return neg
         rows, cols = self._is_positive(users.unsqueeze(1).expand_as(neg), neg).nonzero(as_tuple=True)
         for _ in range(self.MAX_REDRAWS):
