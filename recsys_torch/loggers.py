@@ -31,7 +31,8 @@ class TensorBoardLogger(NullLogger):
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        # own tags: under the curves' names (val/rmse) the final value would add a point at step 0
+        finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         # run_name="." keeps the hparams summary in this folder rather than a timestamped child
         self.writer.add_hparams(clean, finite, run_name=".")
 
