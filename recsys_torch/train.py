@@ -186,10 +186,12 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
         # resumed run that skips finished folds builds the same models.
         torch.manual_seed(int(cfg.seed) + k)
         # partial, then called: instantiate would turn the Features objects into config nodes
-        model = instantiate(cfg.model, _partial_=True)(
-            n_users=inter.n_users, n_items=inter.n_items,
-            item_features=dataset.item_features, user_features=dataset.user_features,
-        )
+        build = instantiate(cfg.model, _partial_=True)
+        try:
+            model = build(n_users=inter.n_users, n_items=inter.n_items,
+                          item_features=dataset.item_features, user_features=dataset.user_features)
+        except (TypeError, ValueError) as exc:  # a setting of the wrong type, e.g. model.embedding_dim=abc
+            raise ConfigError(f"model: {type(exc).__name__}: {exc} (building {cfg.model._target_})") from None
         logger = _logger_for(cfg, output_dir, fold) if main_rank else NullLogger()
         # every rank reads it to resume; the trainer lets rank 0 alone write it
         checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
