@@ -171,3 +171,23 @@ def test_bad_rating_cell_fails_at_encoding(tmp_path, cell):
 def test_read_table_strips_header_spaces(tmp_path):
     frame = read_table(write(tmp_path / "t.tsv", " a \t b\n1\t2\n"))
     assert list(frame.columns) == ["a", "b"]
+
+
+
+def test_undetectable_delimiter_is_a_data_error(tmp_path, monkeypatch):
+    """The python engine's sniffer (sep=None, for files neither .csv nor .tsv) can raise csv.Error
+    (hypothesis found such a file in tests/test_fuzz.py); the user must get a DataError."""
+    import csv as _csv
+
+    import pandas as pd
+
+    from recsys_torch.data import tabular
+
+    def sniff_fails(*args, **kwargs):
+        raise _csv.Error("Could not determine delimiter")
+
+    path = tmp_path / "ratings.txt"
+    path.write_text("user item rating\n1 2 3\n")
+    monkeypatch.setattr(pd, "read_csv", sniff_fails)
+    with pytest.raises(DataError, match="cannot read ratings file .*Could not determine delimiter"):
+        tabular.read_table(path)

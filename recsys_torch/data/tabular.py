@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv as csv_module  # the sniffer behind sep=None raises csv.Error
 import os
 from collections.abc import Mapping
 
@@ -34,7 +35,7 @@ def read_table(path: str | os.PathLike, sep: str | None = None, what: str = "rat
                 sep = "\t" if lower.endswith((".tsv", ".tab")) else ("," if lower.endswith(".csv") else None)
             frame = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c", skipinitialspace=True,
                                 dtype={c: str for c in id_columns})
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, ImportError) as exc:
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, ImportError, csv_module.Error) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot read {what} file {path}: {first}") from None
     if len(frame) == 0:
