@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from recsys_torch.data import encode
 from recsys_torch.data.interactions import Interactions
@@ -16,6 +18,13 @@ from recsys_torch.data.synthetic import synthetic
 # The test machine has two cores shared by everyone; torch's default thread pool oversubscribes them
 # and makes small ops tens of times slower.
 torch.set_num_threads(1)
+
+# Property tests: the default suite (and CI) draws a fixed set of examples, so its verdict does not
+# change from run to run; `HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py` hunts with fresh random
+# examples, many more of them. A case a hunt finds becomes an @example in the test.
+settings.register_profile("ci", max_examples=120, derandomize=True, database=None)
+settings.register_profile("fuzz", max_examples=3000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

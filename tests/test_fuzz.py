@@ -21,7 +21,7 @@ from recsys_torch.errors import RecsysError
 # A warning is output too: on the command line it would print beside the one-line error.
 pytestmark = pytest.mark.filterwarnings("error")
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Cells that break parsers: numbers at the edges, non-finite values, quotes, separators, blanks, unicode.
 JUNK = st.one_of(
@@ -105,6 +105,8 @@ def ratings_file(draw):
 @given(case=ratings_file(), sep=st.sampled_from([None, None, None, ",", ";", "\t"]),
        scale=st.sampled_from([None, (1, 5), (0.5, 5.0)]), timestamp=st.booleans(),
        duplicates=st.sampled_from(["last", "first", "mean", "error"]))
+@example(case=(".csv", b"user,item,rating,timestamp\n0,0,1,inf"), sep=None, scale=None, timestamp=True,
+         duplicates="last")
 def test_csv_ratings_file(folder, case, sep, scale, timestamp, duplicates):
     suffix, data = case
     path = fresh(folder / "csv") / f"ratings{suffix}"
@@ -176,6 +178,7 @@ def movielens_folder(draw):
 @example(case=("ml-100k", {"u.data": b"1e20\t2\t3\t881250949\n", "u.item": None, "u.user": None}))
 @example(case=("ml-100k", {"u.data": b"1\t2\t3\t881250949\n", "u.user": None,
                            "u.item": b"%d|T|01-Jan-1995||u" % 2 ** 70 + b"|0" * 19 + b"\n"}))
+@example(case=("ml-csv", {"ratings.csv": b"\r\x00", "movies.csv": None}))  # bare CR inside the header line
 def test_movielens_readers(folder, case):
     name, files = case
     base = fresh(folder / "ml")

@@ -84,6 +84,8 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
             )
     if "timestamp" in ratings.columns:
         ts = pd.to_numeric(ratings["timestamp"], errors="coerce")
+        # inf, and numbers past the int64 range, are no more a time than text is
+        ts = ts.where(ts.abs() < 2.0 ** 63) if ts.dtype.kind in "fu" else ts
         if ts.isna().any():
             numbers = ts
             with warnings.catch_warnings():  # pandas warns on stderr when it guesses date formats

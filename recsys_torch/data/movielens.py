@@ -263,6 +263,8 @@ def _header_of(path: Path, sep: str) -> list[str]:
                     return [f.strip() for f in fields]
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+    except csv.Error as exc:  # e.g. a bare carriage return inside the header line
+        raise DataError(f"{path}: malformed header line: {_one_line(exc)}") from None
     raise DataError(f"{path}: file is empty")
 
 
