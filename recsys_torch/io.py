@@ -84,13 +84,21 @@ def atomic_json(path: str, data: dict) -> None:
     _atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def atomic_npz(path: str, arrays: dict) -> None:
+    """numpy arrays into one ``.npz`` file (loadable with ``allow_pickle=False``)."""
+    import numpy as np
+
+    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
 def atomic_torch_save(path: str, obj: dict) -> None:
     _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None = None) -> None:
     """Weights, id maps, feature tables, the training interactions (to exclude rated items when
-    recommending) and the resolved config."""
+    recommending) and the resolved config; then ``recommend.npz`` beside it (see
+    :mod:`recsys_torch.recommend`)."""
     from omegaconf import DictConfig, OmegaConf  # only for writing: loading stays light
 
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -113,6 +121,14 @@ def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None 
         "metrics": _json_safe({k: v for k, v in (metrics or {}).items() if k != "folds"}),
     }
     atomic_torch_save(path, state)
+    # the frozen tables, beside it, so that recommending for a user starts without torch
+    from recsys_torch.recommend import INDEX_NAME, Recommender
+
+    uf = state["user_features"] or {}
+    rec = Recommender(model, state["user_ids"], state["item_ids"], state["item_titles"], train.users.cpu(),
+                      train.items.cpu(), train.ratings.cpu(), config, state["rating_scale"], uf.get("vocab"),
+                      uf.get("dense_names"))
+    rec.save_index(os.path.join(os.path.dirname(os.path.abspath(path)), INDEX_NAME), path)
 
 
 def safe_torch_load(path: str, map_location="cpu"):

@@ -32,4 +32,10 @@ def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tenso
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
 
 
-LOSSES = {"mse": mse, "bpr": bpr, "softmax": sampled_softmax}
+def full_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over the whole catalog: ``logits`` ``[B, n_items]``, ``targets`` ``[B]``
+    the positive item of each row."""
+    return F.cross_entropy(logits, targets)
+
+
+LOSSES = {"mse": mse, "bpr": bpr, "softmax": sampled_softmax, "full_softmax": full_softmax}

@@ -2,24 +2,30 @@
 to an item, and fold-in of a new user from a few ratings and/or user features.
 
 Every model shares ``score = mu + b_u + b_i + <user_vector, item_vector>``, so one routine serves
-them all: the item side is computed once, frozen, and a user (known, or folded in) is scored against
-it. Only torch is imported at module level; the checkpoint machinery is imported when a run is
-loaded, so ``scripts/recommend.py`` starts fast.
+them all: the user and item sides are computed once, frozen into numpy tables, and a user (known, or
+folded in) is scored against them.
+
+Training writes those tables next to the checkpoint (``recommend.npz``: numpy only, no pickles), so a
+query for a user or an item of the run starts without importing torch, which takes longer than the
+query itself. The model is rebuilt from ``checkpoint.pt`` only when a query needs it: fold-in of a
+ranking run (L-BFGS), user features, or the SVD++ term. A run without a current ``recommend.npz``
+(an older run, or one whose checkpoint was replaced) is served from the checkpoint, with the same
+results.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from recsys_torch.errors import CheckpointError, ConfigError, RecsysError, UnknownIdError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+INDEX_NAME = "recommend.npz"
+INDEX_FORMAT = 1
 N_REASONS = 2  # liked items named per recommendation
 
 
@@ -42,10 +48,10 @@ class UserVector:
     """A user scored against the frozen item side: a vector (``None`` for bias-only models) and a
     bias, plus the item codes the user gave and which of those the user liked."""
 
-    vector: torch.Tensor | None
+    vector: np.ndarray | None
     bias: float
-    rated: torch.Tensor  # item codes to exclude
-    liked: torch.Tensor  # item codes to explain recommendations with
+    rated: np.ndarray  # item codes to exclude
+    liked: np.ndarray  # item codes to explain recommendations with
 
 
 def _task_of(config: dict) -> tuple[bool, float | None, str]:
@@ -57,46 +63,120 @@ def _task_of(config: dict) -> tuple[bool, float | None, str]:
     return True, None if threshold is None else float(threshold), str(task.get("loss", "bpr"))
 
 
-class Recommender:
-    """A trained model with its id maps, titles and training interactions.
+def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 byte array and offsets (exact for any text, unlike numpy's str arrays)."""
+    data = [s.encode("utf-8", "surrogatepass") for s in strings]
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return np.frombuffer(b"".join(data), dtype=np.uint8), offsets
 
-    ``Recommender.load(run_dir)`` reads ``run_dir/checkpoint.pt``; the constructor takes the parts
-    directly (``train_*``: the training rows, to exclude already rated items and to explain).
+
+def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw, ends = blob.tobytes(), offsets.tolist()
+    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(ends[:-1], ends[1:])]
+
+
+def _normalize(rows: np.ndarray) -> np.ndarray:
+    """Unit rows (as torch's F.normalize: a zero row stays zero)."""
+    rows = rows.astype(np.float32, copy=False)
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+
+
+def _checkpoint_stamp(path: str) -> np.ndarray:
+    """Size and modification time of a checkpoint: an index is served only beside the very file it was
+    made from."""
+    st = os.stat(path)
+    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+
+
+class Recommender:
+    """A trained model's frozen tables with its id maps, titles and training interactions.
+
+    ``Recommender.load(run_dir)`` reads ``run_dir/recommend.npz`` (or ``checkpoint.pt``); the
+    constructor takes a model and the parts directly (``train_*``: the training rows, to exclude
+    already rated items and to explain).
     """
 
     def __init__(self, model, user_ids, item_ids, item_titles=None, train_users=None, train_items=None,
                  train_ratings=None, config: dict | None = None, rating_scale=None,
                  user_vocab: list[str] | None = None, user_dense: list[str] | None = None) -> None:
-        self.model = model.eval()
-        self.user_ids = [str(u) for u in user_ids]
-        self.item_ids = [str(i) for i in item_ids]
-        self.titles = [str(t) for t in item_titles] if item_titles else list(self.item_ids)
-        self.implicit, self.threshold, self.loss = _task_of(config or {})
-        self.rating_scale = tuple(rating_scale) if rating_scale else None
-        self.user_vocab = user_vocab
-        self.user_dense = user_dense or []
+        import torch
+
+        model = model.eval()
+        with torch.no_grad():
+            items = model.item_table()
+            users = model.user_side(torch.arange(model.n_users, device=model.global_bias.device))
+        tower = getattr(model, "user_tower", None) is not None
+        implicit = getattr(model, "implicit", None)
+        self._setup(
+            user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
+            titles=[str(t) for t in item_titles] if item_titles else None,
+            global_bias=float(model.global_bias),
+            item_vectors=None if items.vector is None else items.vector.float().cpu().numpy(),
+            item_bias=items.bias.float().cpu().numpy(),
+            user_vectors=None if users.vector is None else users.vector.float().cpu().numpy(),
+            user_bias=users.bias.float().cpu().numpy(),
+            # a user without training rows has no trained id vector; a user feature tower still scores it
+            user_scorable=model.known_users.cpu().numpy() | tower,
+            candidates=(model.known_items.cpu().numpy().copy() if not getattr(model, "scores_unknown_items", False)
+                        else np.ones(model.n_items, dtype=bool)),
+            train=None if train_users is None else (np.asarray(train_users, dtype=np.int64),
+                                                    np.asarray(train_items, dtype=np.int64),
+                                                    np.asarray(train_ratings, dtype=np.float32)),
+            task=_task_of(config or {}), rating_scale=rating_scale,
+            regs=(float(getattr(model, "reg", 0.0)), float(getattr(model, "reg_bias", 0.0)),
+                  float(getattr(model, "reg_exponent", 0.0))),
+            needs_model=tower or (implicit is not None and hasattr(implicit, "y")),
+            user_vocab=user_vocab, user_dense=user_dense, model_name=type(model).__name__,
+        )
+        self._model = model
+
+    def _setup(self, *, user_ids, item_ids, titles, global_bias, item_vectors, item_bias, user_vectors,
+               user_bias, user_scorable, candidates, train, task, rating_scale, regs, needs_model,
+               user_vocab, user_dense, model_name, checkpoint: str | None = None) -> None:
+        self.user_ids, self.item_ids = user_ids, item_ids
+        self.titles = titles if titles else list(item_ids)
+        self.global_bias = float(global_bias)
+        self.item_vectors, self.item_bias = item_vectors, item_bias
+        self.user_vectors, self.user_bias, self.user_scorable = user_vectors, user_bias, user_scorable
+        self.candidates = candidates
+        self.implicit, self.threshold, self.loss = task
+        self.rating_scale = tuple(float(x) for x in rating_scale) if rating_scale is not None and len(rating_scale) else None
+        self.reg, self.reg_bias, self.reg_exponent = regs
+        self.needs_model = bool(needs_model)
+        self.user_vocab = list(user_vocab) if user_vocab is not None else None
+        self.user_dense = list(user_dense or [])
+        self.model_name = model_name
+        self._checkpoint = checkpoint
+        self._model = None
         self._user_index: dict[str, int] | None = None
         self._item_index: dict[str, int] | None = None
-        with torch.no_grad():
-            self.items = model.item_table()  # Side: frozen vectors [n_items, d] (or None) and biases
-            self.global_bias = float(model.global_bias)
-        self.candidates = model.known_items.cpu().clone()
-        if getattr(model, "scores_unknown_items", False):
-            self.candidates[:] = True
-        self._train = None
-        if train_users is not None:
-            self._train = (train_users.long(), train_items.long(), train_ratings.float())
+        self._train = None  # (indptr over users, item codes, ratings), rows grouped by user
+        if train is not None:
+            users, items, ratings = train
+            order = np.argsort(users, kind="stable")
+            indptr = np.searchsorted(users[order], np.arange(len(user_ids) + 1))
+            self._train = (indptr, items[order], ratings[order])
 
-    # ---- loading ------------------------------------------------------------------------------
+    # ---- loading and saving ------------------------------------------------------------------
     @classmethod
     def load(cls, run: str) -> "Recommender":
         """A run folder (holding ``checkpoint.pt``) or a checkpoint file."""
-        from recsys_torch.io import load_checkpoint, model_from_checkpoint
-
         path = os.path.join(run, CHECKPOINT_NAME) if os.path.isdir(run) else run
         if not os.path.exists(path):
             where = f"no {CHECKPOINT_NAME} in {run}" if os.path.isdir(run) else f"{run} does not exist"
             raise CheckpointError(f"{where}: give run_dir= the output folder of a finished scripts/train.py run")
+        index = os.path.join(os.path.dirname(os.path.abspath(path)), INDEX_NAME)
+        if os.path.isfile(path) and os.path.exists(index):
+            rec = cls._from_index(index, path)
+            if rec is not None:
+                return rec
+        return cls._from_checkpoint(path)
+
+    @classmethod
+    def _from_checkpoint(cls, path: str) -> "Recommender":
+        from recsys_torch.io import load_checkpoint, model_from_checkpoint
+
         state = load_checkpoint(path)
         for key in ("state_dict", "model_target", "user_ids", "item_ids"):
             if key not in state:
@@ -109,9 +189,76 @@ class Recommender:
             raise CheckpointError(f"cannot rebuild the model of {path}: {str(exc).splitlines()[0][:200]}") from None
         train = state.get("train") or {}
         uf = state.get("user_features") or {}
-        return cls(model, state["user_ids"], state["item_ids"], state.get("item_titles"),
-                   train.get("users"), train.get("items"), train.get("ratings"), state.get("config"),
-                   state.get("rating_scale"), uf.get("vocab"), uf.get("dense_names"))
+        rec = cls(model, state["user_ids"], state["item_ids"], state.get("item_titles"),
+                  train.get("users"), train.get("items"), train.get("ratings"), state.get("config"),
+                  state.get("rating_scale"), uf.get("vocab"), uf.get("dense_names"))
+        rec._checkpoint = path
+        return rec
+
+    @classmethod
+    def _from_index(cls, index: str, checkpoint: str) -> "Recommender | None":
+        """The tables saved beside ``checkpoint``; None when they are not of that very file (then the
+        checkpoint is read instead)."""
+        try:
+            with np.load(index, allow_pickle=False) as z:
+                a = {key: z[key] for key in z.files}
+            if int(a["format"]) != INDEX_FORMAT or not np.array_equal(a["checkpoint"], _checkpoint_stamp(checkpoint)):
+                return None
+            rec = cls.__new__(cls)
+            threshold = float(a["threshold"])
+            rec._setup(
+                user_ids=_unpack(a["user_ids"], a["user_ids_offsets"]), item_ids=_unpack(a["item_ids"], a["item_ids_offsets"]),
+                titles=_unpack(a["titles"], a["titles_offsets"]) if "titles" in a else None,
+                global_bias=float(a["global_bias"]),
+                item_vectors=a.get("item_vectors"), item_bias=a["item_bias"],
+                user_vectors=a.get("user_vectors"), user_bias=a["user_bias"], user_scorable=a["user_scorable"],
+                candidates=a["candidates"],
+                train=(a["train_users"], a["train_items"], a["train_ratings"]) if "train_users" in a else None,
+                task=(bool(a["implicit"]), None if math.isnan(threshold) else threshold, str(a["loss"])),
+                rating_scale=a.get("rating_scale"), regs=tuple(a["regs"].tolist()), needs_model=bool(a["needs_model"]),
+                user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
+                user_dense=_unpack(a["user_dense"], a["user_dense_offsets"]), model_name=str(a["model_name"]),
+                checkpoint=checkpoint,
+            )
+            return rec
+        except (OSError, ValueError, KeyError, EOFError):  # unreadable or foreign: the checkpoint serves
+            return None
+
+    def save_index(self, path: str, checkpoint: str) -> None:
+        """Write the tables to ``path`` (atomically), tied to the ``checkpoint`` file they came from."""
+        from recsys_torch.io import atomic_npz
+
+        a: dict[str, np.ndarray] = {
+            "format": np.array(INDEX_FORMAT), "checkpoint": _checkpoint_stamp(checkpoint),
+            "global_bias": np.array(self.global_bias), "item_bias": self.item_bias, "user_bias": self.user_bias,
+            "user_scorable": self.user_scorable, "candidates": self.candidates,
+            "implicit": np.array(self.implicit), "threshold": np.array(math.nan if self.threshold is None else self.threshold),
+            "loss": np.array(self.loss), "regs": np.array([self.reg, self.reg_bias, self.reg_exponent]),
+            "needs_model": np.array(self.needs_model), "model_name": np.array(self.model_name),
+        }
+        for name, strings in (("user_ids", self.user_ids), ("item_ids", self.item_ids), ("titles", self.titles),
+                              ("user_vocab", self.user_vocab), ("user_dense", self.user_dense)):
+            if strings is not None:
+                a[name], a[f"{name}_offsets"] = _pack(strings)
+        for name in ("item_vectors", "user_vectors"):
+            if getattr(self, name) is not None:
+                a[name] = getattr(self, name)
+        if self.rating_scale is not None:
+            a["rating_scale"] = np.array(self.rating_scale)
+        if self._train is not None:
+            indptr, items, ratings = self._train
+            a["train_users"] = np.repeat(np.arange(len(self.user_ids)), np.diff(indptr))
+            a["train_items"], a["train_ratings"] = items, ratings
+        atomic_npz(path, a)
+
+    @property
+    def model(self):
+        """The trained model, rebuilt from the checkpoint on first use (torch is imported then)."""
+        if self._model is None:
+            if self._checkpoint is None:
+                raise CheckpointError("this recommender has no checkpoint to rebuild its model from")
+            self._model = type(self)._from_checkpoint(self._checkpoint)._model
+        return self._model
 
     # ---- ids ----------------------------------------------------------------------------------
     def user_code(self, user) -> int:
@@ -135,17 +282,15 @@ class Recommender:
         return self.titles[code]
 
     # ---- the user's history ---------------------------------------------------------------------
-    def history(self, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def history(self, code: int) -> tuple[np.ndarray, np.ndarray]:
         """Item codes and ratings of a user's training rows."""
         if self._train is None:
             raise CheckpointError("this run saved no training interactions, so it cannot tell what a user "
                                   "rated: pass exclude_rated=false")
-        users, items, ratings = self._train
-        # one pass over the rows: cheaper than any index for the single user a query asks about
-        mine = users == code
-        return items[mine], ratings[mine]
+        indptr, items, ratings = self._train
+        return items[indptr[code]:indptr[code + 1]], ratings[indptr[code]:indptr[code + 1]]
 
-    def _liked(self, items: torch.Tensor, ratings: torch.Tensor, trained: bool = False) -> torch.Tensor:
+    def _liked(self, items: np.ndarray, ratings: np.ndarray, trained: bool = False) -> np.ndarray:
         """The items a user rated highly. Ranking runs: the positives (a ranking run's training rows
         are all positives, stored with rating 1). Rating runs: the ratings at or above the user's own
         mean and above the middle of the rating scale."""
@@ -157,30 +302,35 @@ class Recommender:
         return items[(ratings >= ratings.mean()) & (ratings > middle)]
 
     # ---- top-N --------------------------------------------------------------------------------
+    def scores_for(self, vector: np.ndarray | None, bias: float) -> np.ndarray:
+        """Scores of a user (vector and bias) against every item."""
+        scores = np.float32(self.global_bias) + np.float32(bias) + self.item_bias.astype(np.float32)
+        if vector is not None and self.item_vectors is not None:
+            scores = scores + self.item_vectors.astype(np.float32) @ np.asarray(vector, dtype=np.float32)
+        return scores
+
     def recommend(self, user, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a user of the run, best first, each with a reason."""
         code = self.user_code(user)
-        if not bool(self.model.known_users[code]) and getattr(self.model, "user_tower", None) is None:
+        if not bool(self.user_scorable[code]):
             raise UnknownIdError(f"user {str(user)!r} has no training data in this run, so no trained vector "
                                  "(give their ratings=ITEM:R,... to fold them in)")
         if self._train is not None or exclude_rated:
             items, ratings = self.history(code)  # raises when the run saved no training rows
         else:
-            items, ratings = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        with torch.no_grad():
-            scores = self.model.score_all(torch.tensor([code]), self.items)[0].float()
-        return self._top(scores, k, items if exclude_rated else None, self._liked(items, ratings.float(), trained=True),
+            items, ratings = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        vector = None if self.user_vectors is None else self.user_vectors[code]
+        scores = self.scores_for(vector, float(self.user_bias[code]))
+        return self._top(scores, k, items if exclude_rated else None, self._liked(items, ratings, trained=True),
                          f"user {user}")
 
     def recommend_for(self, vec: UserVector, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a folded-in user (see :meth:`fold_in`)."""
-        scores = self.global_bias + vec.bias + self.items.bias.float()
-        if vec.vector is not None and self.items.vector is not None:
-            scores = scores + self.items.vector.float() @ vec.vector.float()
-        return self._top(scores, k, vec.rated if exclude_rated else None, vec.liked, "this user")
+        return self._top(self.scores_for(vec.vector, vec.bias), k, vec.rated if exclude_rated else None, vec.liked,
+                         "this user")
 
     def _check_k(self, k, available: int, who: str, n_excluded: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         n_catalog = int(self.candidates.sum())
         if k > n_catalog:
@@ -188,34 +338,32 @@ class Recommender:
         if k > available:
             raise ConfigError(f"k={k} but only {available} items are left for {who} "
                               f"({n_catalog} in the catalog, {n_excluded} excluded)")
-        return k
+        return int(k)
 
-    def _top(self, scores: torch.Tensor, k: int, exclude: torch.Tensor | None, liked: torch.Tensor,
+    def _top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None, liked: np.ndarray,
              who: str) -> list[Recommendation]:
-        allowed = self.candidates.clone()
+        allowed = self.candidates.copy()
         n_excluded = 0
         if exclude is not None and len(exclude):
             n_excluded = int(allowed[exclude].sum())
             allowed[exclude] = False
         k = self._check_k(k, int(allowed.sum()), who, n_excluded)
-        masked = torch.where(allowed, scores.double(), torch.tensor(-math.inf, dtype=torch.float64))
+        masked = np.where(allowed, scores.astype(np.float64), -math.inf)
         # a stable sort: equal scores go to the lower item code, whatever the platform
-        top = torch.sort(masked, descending=True, stable=True).indices[:k]
+        top = np.argsort(-masked, kind="stable")[:k]
         reasons = self._reasons(top, liked)
         return [Recommendation(self.item_ids[c], self.titles[c], float(scores[c]), r)
                 for c, r in zip(top.tolist(), reasons)]
 
-    def _reasons(self, top: torch.Tensor, liked: torch.Tensor) -> list[str | None]:
+    def _reasons(self, top: np.ndarray, liked: np.ndarray) -> list[str | None]:
         """Per recommended item, the user's liked items closest to it (cosine of item vectors)."""
-        if self.items.vector is None:
+        if self.item_vectors is None:
             return ["popular with everyone (this model is not personalized)"] * len(top)
         if len(liked) == 0:
             return [None] * len(top)
-        rec = F.normalize(self.items.vector[top].float(), dim=1)
-        own = F.normalize(self.items.vector[liked].float(), dim=1)
-        sim = rec @ own.T  # [k, n_liked]
+        sim = _normalize(self.item_vectors[top]) @ _normalize(self.item_vectors[liked]).T  # [k, n_liked]
         n = min(N_REASONS, len(liked))
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :n]
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :n]
         out = []
         for row, idx in enumerate(order.tolist()):
             names = [self.titles[int(liked[j])] for j in idx if float(sim[row, j]) > 0]
@@ -226,18 +374,18 @@ class Recommender:
     def similar_items(self, item, k: int = 10) -> list[Recommendation]:
         """The ``k`` items whose vectors have the highest cosine with the item's vector."""
         code = self.item_code(item)
-        if self.items.vector is None:
-            raise CheckpointError(f"this run's model ({type(self.model).__name__}) has no item vectors, so it "
+        if self.item_vectors is None:
+            raise CheckpointError(f"this run's model ({self.model_name}) has no item vectors, so it "
                                   "cannot find similar items: use a run of model=mf, content or hybrid")
         if not bool(self.candidates[code]):
             raise UnknownIdError(f"item {str(item)!r} ({self.titles[code]}) has no ratings in this run's training "
                                  "data, so it has no trained vector")
-        table = F.normalize(self.items.vector.float(), dim=1)
+        table = _normalize(self.item_vectors)
         sim = table @ table[code]
-        return self._top(sim, k, torch.tensor([code]), torch.zeros(0, dtype=torch.long), f"item {item}")
+        return self._top(sim, k, np.array([code]), np.zeros(0, dtype=np.int64), f"item {item}")
 
     # ---- fold-in ------------------------------------------------------------------------------
-    def parse_ratings(self, ratings) -> tuple[torch.Tensor, torch.Tensor]:
+    def parse_ratings(self, ratings) -> tuple[np.ndarray, np.ndarray]:
         """``[(raw item, rating), ...]`` (or a dict) -> item codes and ratings; a repeated item keeps
         its last rating."""
         pairs = list(ratings.items()) if isinstance(ratings, dict) else list(ratings)
@@ -250,8 +398,7 @@ class Recommender:
                 raise ConfigError(f"the rating {value:g} of item {item!r} is outside this run's rating scale "
                                   f"[{self.rating_scale[0]:g}, {self.rating_scale[1]:g}]")
             by_code[self.item_code(item)] = value
-        codes = torch.tensor(list(by_code), dtype=torch.long)
-        return codes, torch.tensor(list(by_code.values()), dtype=torch.float32)
+        return np.array(list(by_code), dtype=np.int64), np.array(list(by_code.values()), dtype=np.float32)
 
     def fold_in(self, ratings=(), user_features=None, steps: int = 100) -> UserVector:
         """Fit a new user's vector and bias against the frozen item side.
@@ -281,46 +428,48 @@ class Recommender:
         return UserVector(vec, bias, codes, self._liked(codes[known], values[known]))
 
     def _reg(self, n: int) -> tuple[float, float]:
-        scale = max(n, 1) ** (1.0 - float(getattr(self.model, "reg_exponent", 0.0)))
-        reg = float(getattr(self.model, "reg", 0.0))
-        reg_bias = float(getattr(self.model, "reg_bias", 0.0))
-        return reg * scale + 1e-6, reg_bias * scale + 1e-6  # jitter: solvable with reg=0 and few ratings
+        scale = max(n, 1) ** (1.0 - self.reg_exponent)
+        return self.reg * scale + 1e-6, self.reg_bias * scale + 1e-6  # jitter: solvable with reg=0 and few ratings
 
-    def _fit_ratings(self, codes, values, prior_vec, prior_bias) -> tuple[torch.Tensor | None, float]:
+    def _fit_ratings(self, codes, values, prior_vec, prior_bias) -> tuple[np.ndarray | None, float]:
         """Ridge regression of ``r - mu - b_i`` on ``[q_i, 1]``, shrunk towards the prior."""
-        resid = values.double() - self.global_bias - self.items.bias[codes].double() - prior_bias
+        resid = values.astype(np.float64) - self.global_bias - self.item_bias[codes].astype(np.float64) - prior_bias
         lam_vec, lam_bias = self._reg(len(codes))
-        if self.items.vector is None:
+        if self.item_vectors is None:
             return None, prior_bias + float(resid.sum() / (len(codes) + lam_bias))
-        q = self.items.vector[codes].double()
-        resid = resid - q @ prior_vec.double()
-        x = torch.cat([q, torch.ones(len(codes), 1, dtype=torch.float64)], 1)
-        penalty = torch.full((x.shape[1],), lam_vec, dtype=torch.float64)
+        q = self.item_vectors[codes].astype(np.float64)
+        resid = resid - q @ prior_vec.astype(np.float64)
+        x = np.concatenate([q, np.ones((len(codes), 1))], axis=1)
+        penalty = np.full(x.shape[1], lam_vec)
         penalty[-1] = lam_bias
-        w = torch.linalg.solve(x.T @ x + torch.diag(penalty), x.T @ resid)
-        return (prior_vec.double() + w[:-1]).float(), prior_bias + float(w[-1])
+        w = np.linalg.solve(x.T @ x + np.diag(penalty), x.T @ resid)
+        return (prior_vec.astype(np.float64) + w[:-1]).astype(np.float32), prior_bias + float(w[-1])
 
-    def _fit_ranking(self, codes, values, prior_vec, prior_bias, steps) -> tuple[torch.Tensor | None, float]:
+    def _fit_ranking(self, codes, values, prior_vec, prior_bias, steps) -> tuple[np.ndarray | None, float]:
         """Minimize the run's ranking loss of the user's positives against every candidate item."""
         positives = codes if self.threshold is None else codes[values >= self.threshold]
-        if self.items.vector is None or len(positives) == 0:
+        if self.item_vectors is None or len(positives) == 0:
             return prior_vec, prior_bias  # a bias does not change one user's ranking
-        cand = torch.nonzero(self.candidates).squeeze(1)
-        q, b = self.items.vector[cand].double(), self.items.bias[cand].double()
-        position = torch.full((len(self.item_ids),), -1, dtype=torch.long)
-        position[cand] = torch.arange(len(cand))
-        pos = position[positives]
+        import torch
+        import torch.nn.functional as F
+
+        cand = np.flatnonzero(self.candidates)
+        q = torch.from_numpy(self.item_vectors[cand].astype(np.float64))
+        b = torch.from_numpy(self.item_bias[cand].astype(np.float64))
+        position = np.full(len(self.item_ids), -1, dtype=np.int64)
+        position[cand] = np.arange(len(cand))
+        pos = torch.from_numpy(position[positives])
         is_pos = torch.zeros(len(cand), dtype=torch.bool)
         is_pos[pos] = True
         lam, _ = self._reg(len(pos))
-        start = prior_vec.double()
+        start = torch.from_numpy(prior_vec.astype(np.float64))
         delta = torch.zeros_like(start, requires_grad=True)
         opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             s = b + q @ (start + delta)
-            if self.loss == "softmax":
+            if self.loss in ("softmax", "full_softmax"):
                 loss = (torch.logsumexp(s, 0) - s[pos]).sum()
             else:  # BPR: each positive against every non-positive item
                 loss = -F.logsigmoid(s[pos].unsqueeze(1) - s[~is_pos].unsqueeze(0)).mean(1).sum()
@@ -330,41 +479,47 @@ class Recommender:
 
         with torch.enable_grad():
             opt.step(closure)
-        return (start + delta.detach()).float(), prior_bias
+        return (start + delta.detach()).float().numpy(), prior_bias
 
-    def _prior(self, codes: torch.Tensor, user_features) -> tuple[torch.Tensor, float]:
+    def _prior(self, codes: np.ndarray, user_features) -> tuple[np.ndarray, float]:
         """Where a new user starts: the user feature tower's output (when features are given) plus the
         SVD++ term of the rated items (for models with one); zero otherwise."""
-        d = self.items.vector.shape[1] if self.items.vector is not None else 0
-        vec, bias = torch.zeros(d), 0.0
+        d = self.item_vectors.shape[1] if self.item_vectors is not None else 0
+        vec, bias = np.zeros(d, dtype=np.float32), 0.0
         if user_features is not None:
             vec, bias = self._from_features(user_features)
-        implicit = getattr(self.model, "implicit", None)
-        if len(codes) and d and implicit is not None and hasattr(implicit, "y"):
-            with torch.no_grad():
-                vec = vec + implicit.y.weight[codes].sum(0) / math.sqrt(len(codes))
-        return vec.float(), float(bias)
+        if len(codes) and d and self.needs_model:
+            implicit = getattr(self.model, "implicit", None)
+            if implicit is not None and hasattr(implicit, "y"):
+                y = implicit.y.weight.detach().cpu().numpy()
+                vec = vec + y[codes].sum(0) / math.sqrt(len(codes))
+        return vec.astype(np.float32), float(bias)
 
-    def _from_features(self, user_features: dict) -> tuple[torch.Tensor, float]:
-        tower = getattr(self.model, "user_tower", None)
+    def _from_features(self, user_features: dict) -> tuple[np.ndarray, float]:
+        tower = getattr(self.model, "user_tower", None) if self.needs_model else None
         if tower is None or self.user_vocab is None:
-            raise CheckpointError(f"this run's model ({type(self.model).__name__}) has no user feature tower: "
+            raise CheckpointError(f"this run's model ({self.model_name}) has no user feature tower: "
                                   "recommending from user features needs model=content or hybrid trained on data "
                                   "with user features")
+        import copy
+
+        import torch
+
         index, weight = self._feature_bag(user_features)
         n_dense = tower.dense.shape[1]
         with torch.no_grad():
             # the tower reads its bags from buffers indexed by user code: give it a one-user table
             probe = copy.copy(tower)
-            probe._buffers = {**tower._buffers, "index": index, "weight": weight, "dense": torch.zeros(1, n_dense)}
+            probe._buffers = {**tower._buffers, "index": torch.from_numpy(index), "weight": torch.from_numpy(weight),
+                              "dense": torch.zeros(1, n_dense)}
             vec, bias, _ = probe(torch.zeros(1, dtype=torch.long))
             fusion = getattr(self.model, "user_fusion", None)
             if fusion is not None:  # hybrid: fuse with an id part that a new user does not have
                 zero = torch.zeros(1)
                 vec, bias = fusion(torch.zeros_like(vec), zero, vec, bias, zero)
-        return vec[0], float(bias[0])
+        return vec[0].float().numpy(), float(bias[0])
 
-    def _feature_bag(self, user_features: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _feature_bag(self, user_features: dict) -> tuple[np.ndarray, np.ndarray]:
         vocab = {name: i for i, name in enumerate(self.user_vocab)}
         columns = sorted({name.split("=", 1)[0] for name in self.user_vocab[1:]})
         ids, weights = [], []
@@ -385,4 +540,4 @@ class Recommender:
                 weights.append(1.0 / len(values))  # a column sums to one, as when the run was built
         if not ids:
             ids, weights = [0], [0.0]
-        return torch.tensor([ids]), torch.tensor([weights], dtype=torch.float32)
+        return np.array([ids], dtype=np.int64), np.array([weights], dtype=np.float32)

@@ -1,5 +1,6 @@
 """Tasks: what a batch's loss is and how a model is evaluated. ``rating`` (MSE; RMSE/MAE) or
-``ranking`` (BPR or sampled softmax over sampled negatives; full-ranking metrics at K)."""
+``ranking`` (BPR or sampled softmax over sampled negatives, or a full softmax over every item;
+full-ranking metrics at K)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,15 @@ class RankingTask:
     MAX_REDRAWS = 50  # a user with 3/4 of the sampling mass as positives keeps 1 draw in 2e6
     GPU_REDRAWS = 8
     EVAL_CELLS = 1 << 24  # user x item scores held at once when evaluating (bounded memory)
+    # bpr and softmax contrast each positive with sampled negatives; full_softmax with every item
+    # (exact, no sampler: a batch costs batch x catalog scores, so it suits catalogs up to ~1e5 items)
+    LOSSES = ("bpr", "softmax", "full_softmax")
 
     def __init__(self, threshold: float | None = 4.0, loss: str = "bpr", n_negatives: int = 1,
                  sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
                  monitor: str | None = None, eval_batch_size: int = 1024) -> None:
-        if loss not in ("bpr", "softmax"):
-            raise ConfigError(f"task.loss must be 'bpr' or 'softmax', got {loss!r}")
+        if loss not in self.LOSSES:
+            raise ConfigError(f"task.loss must be one of {', '.join(map(repr, self.LOSSES))}, got {loss!r}")
         if sampler not in ("uniform", "popularity"):
             raise ConfigError(f"task.sampler must be 'uniform' or 'popularity', got {sampler!r}")
         if int(n_negatives) < 1:
@@ -89,6 +93,7 @@ class RankingTask:
         self.log_q = torch.log(prob.clamp(min=1e-12)).float()
         keys = train.users.to(device) * self.n_items + train.items.to(device)
         self.positive_keys = torch.sort(keys).values
+        self.all_items = torch.arange(self.n_items, device=device)
 
     def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Per (user, item) pair of equal-shaped tensors: is it a training positive?"""
@@ -126,6 +131,8 @@ class RankingTask:
         return neg
 
     def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
+        if self.loss_name == "full_softmax":
+            return self._full_softmax(model, users, items)
         neg = self.sample(users)
         u = model.user_side(users)
         p = model.item_side(items)
@@ -140,6 +147,18 @@ class RankingTask:
         penalty = torch.as_tensor(u.penalty).mean() + torch.as_tensor(p.penalty).mean()
         penalty = penalty + torch.as_tensor(n.penalty).mean() * self.n_negatives
         return loss + penalty
+
+    def _full_softmax(self, model: FactorizationModel, users, items) -> torch.Tensor:
+        """Cross-entropy of each positive against the whole catalog; the L2 penalty covers the rows
+        the batch's pairs use, as for the sampled losses' positives."""
+        u = model.user_side(users)
+        every = model.item_side(self.all_items)
+        logits = u.bias.unsqueeze(1) + every.bias.unsqueeze(0)  # the global bias cancels in a softmax
+        if u.vector is not None and every.vector is not None:
+            logits = logits + u.vector @ every.vector.T
+        loss = losses.full_softmax(logits, items)
+        p_penalty = every.penalty if isinstance(every.penalty, float) else every.penalty.index_select(0, items)
+        return loss + torch.as_tensor(u.penalty).mean() + torch.as_tensor(p_penalty).mean()
 
     def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int | None = None) -> dict:
         candidates = train.known_items().cpu()

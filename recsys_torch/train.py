@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_torch.data.dataset import Dataset, encode
 from recsys_torch.checkpointing import TrainingInterrupted
+from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError, RecsysError
 from recsys_torch.io import atomic_json, remove_stale_temporaries, save_checkpoint
 from recsys_torch.loggers import NullLogger
@@ -108,14 +109,21 @@ def _prepare_run_folder(output_dir: str, resume: bool) -> None:
     )
 
 
-def _fold_metrics(task, model, split, fit) -> dict:
-    metrics: dict = {}
-    if len(split.val):
-        for key, value in task.evaluate(model, split.val, split.train).items():
-            metrics[f"val/{key}"] = value
-    for key, value in task.evaluate(model, split.test, split.train, exclude=[split.val]).items():
+def _val_metrics(task, model, split) -> dict:
+    """The validation metrics of the model that early stopping chose (before any refit)."""
+    if not len(split.val):
+        return {}
+    return {f"val/{key}": value for key, value in task.evaluate(model, split.val, split.train).items()}
+
+
+def _fold_metrics(task, model, split, fit, val_metrics: dict, trained_on: Interactions) -> dict:
+    """``trained_on`` is ``split.train``, or train + val after a refit: its items are masked when
+    ranking and it decides which test users and items count as unknown (cold)."""
+    metrics = dict(val_metrics)
+    exclude = [] if trained_on is not split.train else [split.val]
+    for key, value in task.evaluate(model, split.test, trained_on, exclude=exclude).items():
         metrics[f"test/{key}"] = value
-    unknown = unknown_counts(split.train, split.test)
+    unknown = unknown_counts(trained_on, split.test)
     metrics.update(
         fit_seconds=fit.fit_seconds,
         train_ratings_per_second=fit.train_ratings_per_second,
@@ -126,8 +134,37 @@ def _fold_metrics(task, model, split, fit) -> dict:
     return metrics
 
 
+def _refit(cfg, build_model, split, task, fit, k: int, output_dir: str, fold: str | None, main_rank: bool,
+           meta: dict):
+    """``trainer.refit=true``: train a fresh model (same seed, same initial weights) on train + val for
+    the number of epochs early stopping chose. Validation chose that number and nothing else, and
+    the final model learns from every rating outside test (as peers that tune by hand do)."""
+    epochs = fit.best_epoch or len(fit.history)
+    torch.manual_seed(int(cfg.seed) + k)
+    model = build_model()
+    name = f"{fold}-refit" if fold else "refit"
+    logger = _logger_for(cfg, output_dir, name) if main_rank else NullLogger()
+    trainer = instantiate(_trainer_node(cfg), _partial_=True)(
+        seed=int(cfg.seed) + k, logger=logger, checkpoint_path=os.path.join(output_dir, f"last-{name}.pt"),
+        checkpoint_meta=meta, epochs=epochs, patience=None)
+    merged = split.train.concat(split.val)
+    again = trainer.fit(model, merged, None, task)
+    logger.close()
+    log.info("%s: refit on train + val (%d ratings) for %d epochs", split.name, len(merged), epochs)
+    again.best_epoch = fit.best_epoch
+    again.fit_seconds += fit.fit_seconds
+    return model, merged, again
+
+
 ENTRY_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-EXTRA_KEYS = {"data": {"duplicates"}}  # handled by train.py itself, not passed to the loader
+# handled by train.py itself, not passed to the component
+EXTRA_KEYS = {"data": {"duplicates"}, "trainer": {"refit"}}
+
+
+def _trainer_node(cfg: DictConfig) -> dict:
+    """``cfg.trainer``, resolved, without the keys train.py handles (``refit``)."""
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {key: value for key, value in node.items() if key not in EXTRA_KEYS["trainer"]}
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -187,33 +224,41 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
         torch.manual_seed(int(cfg.seed) + k)
         # partial, then called: instantiate would turn the Features objects into config nodes
         build = instantiate(cfg.model, _partial_=True)
-        try:
-            model = build(n_users=inter.n_users, n_items=inter.n_items,
-                          item_features=dataset.item_features, user_features=dataset.user_features)
-        except (TypeError, ValueError) as exc:  # a setting of the wrong type, e.g. model.embedding_dim=abc
-            raise ConfigError(f"model: {type(exc).__name__}: {exc} (building {cfg.model._target_})") from None
+
+        def build_model():
+            try:
+                return build(n_users=inter.n_users, n_items=inter.n_items,
+                             item_features=dataset.item_features, user_features=dataset.user_features)
+            except (TypeError, ValueError) as exc:  # a setting of the wrong type, e.g. model.embedding_dim=abc
+                raise ConfigError(f"model: {type(exc).__name__}: {exc} (building {cfg.model._target_})") from None
+
+        model = build_model()
         logger = _logger_for(cfg, output_dir, fold) if main_rank else NullLogger()
         # every rank reads it to resume; the trainer lets rank 0 alone write it
         checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
         # partial: Hydra would try to instantiate the _target_ entries inside the meta dict
-        trainer = instantiate(cfg.trainer, _partial_=True)(
+        trainer = instantiate(_trainer_node(cfg), _partial_=True)(
             seed=int(cfg.seed) + k, logger=logger, checkpoint_path=checkpoint, checkpoint_meta=meta)
         fit = trainer.fit(model, split.train, split.val, task)
-        metrics = _fold_metrics(task, model, split, fit)
+        val_metrics = _val_metrics(task, model, split)
+        trained_on = split.train
+        if cfg.trainer.get("refit", False) and len(split.val) and model.trainable:
+            model, trained_on, fit = _refit(cfg, build_model, split, task, fit, k, output_dir, fold, main_rank, meta)
+        metrics = _fold_metrics(task, model, split, fit, val_metrics, trained_on)
         logger.hparams(_flat_hparams(cfg), {k2: v for k2, v in metrics.items() if "/" in k2})
         logger.close()
         fold_metrics.append(metrics)
         if first is None:
-            first = (model, split)
+            first = (model, trained_on)
         log.info("%s: %s", split.name, ", ".join(f"{key}={value:.4f}" for key, value in metrics.items()
                                                   if key.startswith("test/") and "@" not in key[5:] or key.endswith("@10")))
 
     result = _aggregate(fold_metrics)
     result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
     result["total_seconds"] = time.perf_counter() - t_start
-    model, split = first
+    model, trained_on = first
     if main_rank:
-        save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, split.train, result)
+        save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, trained_on, result)
         atomic_json(os.path.join(output_dir, "metrics.json"), result)
     return result
 

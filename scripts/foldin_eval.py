@@ -92,14 +92,8 @@ class FoldedUsers(torch.nn.Module):
         self.rec, self.vectors = rec, vectors
 
     def score_all(self, users):
-        rows = []
-        for u in users.tolist():
-            v = self.vectors[u]
-            s = self.global_bias + v.bias + self.rec.items.bias.float()
-            if v.vector is not None and self.rec.items.vector is not None:
-                s = s + self.rec.items.vector.float() @ v.vector
-            rows.append(s)
-        return torch.stack(rows)
+        return torch.stack([torch.from_numpy(self.rec.scores_for(self.vectors[u].vector, self.vectors[u].bias))
+                            for u in users.tolist()])
 
 
 def evaluate(args: dict) -> dict:
@@ -129,7 +123,7 @@ def evaluate(args: dict) -> dict:
     }
     out = {"n_users": len(sets), "n_given": args["n_given"], "n_targets": len(target_part)}
     for name, model in runs.items():
-        m = ranking_metrics(model, target_part, [given_part], split.train, ks, 256, rec.candidates)
+        m = ranking_metrics(model, target_part, [given_part], split.train, ks, 256, torch.from_numpy(rec.candidates))
         out[name] = {key: value for key, value in m.items() if key != "n_users"}
     return out
 

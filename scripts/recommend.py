@@ -11,14 +11,13 @@ liked (the top of the rating scale); in features=, repeat a column for several v
 prints a JSON list of {"item", "title", "score", "reason"} objects. Errors print one line on stderr
 and exit with status 2.
 
-Deliberately free of Hydra, argparse and TensorBoard, so that it starts fast.
+Deliberately free of Hydra, argparse and TensorBoard, so that it starts fast; a query for a user or an
+item of the run does not even import torch (it reads the run's recommend.npz with numpy).
 """
 
 import json
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,7 +109,6 @@ def render(heading: str, recs, fmt: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    torch.set_num_threads(1)  # one query: a thread pool costs more to start than it saves
     try:
         args = parse_args(argv)
         heading, recs = recommendations(args)

@@ -128,7 +128,7 @@ def test_cold_item_split_reports_unknown_items_and_cold_metrics(compose, tmp_pat
 # --- every config key is wired (Surprise's test_SVD_parameters, through the configs) -----------------
 
 CHANGES = ["trainer.lr=0.03", "trainer.epochs=3", "trainer.batch_size=256", "trainer.optimizer=adagrad",
-           "model.embedding_dim=16", "model.reg=0.5", "seed=7"]
+           "model.embedding_dim=16", "model.reg=0.5", "seed=7", "trainer.refit=true"]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,23 @@ def test_each_override_changes_the_result(compose, tmp_path, reference_rmse, ove
 
 def test_same_config_same_result(compose, tmp_path, reference_rmse):
     assert train(compose(), str(tmp_path))["test/rmse"] == reference_rmse
+
+
+def test_refit_trains_on_train_and_validation_for_the_chosen_epochs(compose, tmp_path):
+    from recsys_torch.io import safe_torch_load
+
+    plain = train(compose(["trainer.epochs=5"]), str(tmp_path / "plain"))
+    refit = train(compose(["trainer.epochs=5", "trainer.refit=true"]), str(tmp_path / "refit"))
+    # validation judged the early-stopped model, the same in both runs, and chose the epochs
+    assert refit["val/rmse"] == plain["val/rmse"] and refit["best_epoch"] == plain["best_epoch"]
+    assert refit["test/rmse"] != pytest.approx(plain["test/rmse"], abs=1e-6)
+    state = load_checkpoint(str(tmp_path / "refit" / "checkpoint.pt"))
+    assert len(state["train"]["users"]) == refit["n_train"] + refit["n_val"]  # val rows are training rows now
+    second = safe_torch_load(str(tmp_path / "refit" / "last-refit.pt"))
+    assert second["finished"] and len(second["result"]["history"]) == plain["best_epoch"]
+    # a resumed run finds both fits finished and reports the same figures
+    again = train(compose(["trainer.epochs=5", "trainer.refit=true", "trainer.resume=true"]), str(tmp_path / "refit"))
+    assert again["test/rmse"] == refit["test/rmse"]
 
 
 # --- user errors ------------------------------------------------------------------------------------------

@@ -150,6 +150,22 @@ def test_bpr_and_sampled_softmax_by_hand():
         pytest.approx(float(losses.sampled_softmax(pos, neg)))
 
 
+def test_full_softmax_is_cross_entropy_over_every_item():
+    torch.manual_seed(0)
+    model = MFModel(3, 6, embedding_dim=4, reg=0.1, reg_bias=0.05)
+    train = inter_of([(0, 1), (1, 2), (2, 5), (0, 3)], 3, 6)
+    model.prepare(train)
+    task = RankingTask(loss="full_softmax")
+    task.setup(train, torch.device("cpu"), torch.Generator().manual_seed(0))
+    users, items = torch.tensor([0, 2]), torch.tensor([3, 5])
+    with torch.no_grad():
+        scores = model.score_all(users)
+        u, every = model.user_side(users), model.item_side(torch.arange(6))
+        want = sum(float(torch.logsumexp(scores[b], 0) - scores[b, items[b]]) for b in range(2)) / 2
+        want += float(u.penalty.mean() + every.penalty[items].mean())
+        assert float(task.loss(model, users, items, torch.ones(2))) == pytest.approx(want, rel=1e-5)
+
+
 # ---- negative sampling --------------------------------------------------------------------------
 
 def dense_user_task(reject: bool, sampler: str = "uniform") -> tuple[RankingTask, torch.Tensor]:
@@ -196,7 +212,8 @@ def test_bad_task_settings_are_one_line_errors():
 
 # ---- training -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss, sampler", [("bpr", "uniform"), ("softmax", "uniform"), ("softmax", "popularity")])
+@pytest.mark.parametrize("loss, sampler", [("bpr", "uniform"), ("softmax", "uniform"), ("softmax", "popularity"),
+                                           ("full_softmax", "uniform")])
 def test_ranking_losses_decrease_and_beat_chance(implicit_split, loss, sampler):
     _, split = implicit_split
     task = RankingTask(loss=loss, n_negatives=4, sampler=sampler)

@@ -8,9 +8,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO, compose_cfg
 from recsys_torch.data.features import Features
@@ -39,6 +39,10 @@ def ranking_run(tmp_path_factory):
 
 def cli(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def busiest_user(rec: Recommender) -> str:
@@ -73,24 +77,68 @@ def test_reasons_name_the_liked_items_closest_to_each_recommendation(rating_run)
     user = busiest_user(rec)
     items, ratings = rec.history(rec.user_code(user))
     liked = items[(ratings >= ratings.mean()) & (ratings > 3)]
-    vectors = F.normalize(rec.items.vector, dim=1)
+    vectors = unit_rows(rec.item_vectors)
     for r in rec.recommend(user, k=4):
         sim = vectors[liked] @ vectors[rec.item_code(r.item)]
-        best = [rec.title(int(liked[j])) for j in torch.sort(sim, descending=True, stable=True).indices[:2]
-                if float(sim[j]) > 0]
+        best = [rec.title(int(liked[j])) for j in np.argsort(-sim, kind="stable")[:2] if float(sim[j]) > 0]
         assert r.reason == ("because you liked " + " and ".join(best) if best else None)
 
 
 def test_similar_items_by_cosine(ranking_run):
     rec = Recommender.load(str(ranking_run))
-    item = rec.item_ids[int(torch.nonzero(rec.candidates)[0])]
-    vectors = F.normalize(rec.items.vector, dim=1)
+    item = rec.item_ids[int(np.flatnonzero(rec.candidates)[0])]
+    vectors = unit_rows(rec.item_vectors)
     cos = vectors @ vectors[rec.item_code(item)]
     others = [c for c in range(len(rec.item_ids)) if rec.candidates[c] and rec.item_ids[c] != item]
     want = sorted(others, key=lambda c: (-float(cos[c]), c))[:3]
     got = rec.similar_items(item, k=3)
     assert [r.item for r in got] == [rec.item_ids[c] for c in want]
     assert [r.score for r in got] == pytest.approx([float(cos[c]) for c in want])
+
+
+@pytest.mark.parametrize("run", ["rating_run", "ranking_run"])
+def test_the_saved_tables_serve_what_the_checkpoint_serves(run, request):
+    folder = request.getfixturevalue(run)
+    fast = Recommender.load(str(folder))
+    slow = Recommender._from_checkpoint(str(folder / "checkpoint.pt"))
+    user, item = busiest_user(slow), slow.item_ids[int(np.flatnonzero(slow.candidates)[0])]
+    for query in (lambda r: r.recommend(user, k=5), lambda r: r.recommend(user, k=5, exclude_rated=False),
+                  lambda r: r.similar_items(item, k=4)):
+        got, want = query(fast), query(slow)
+        assert [(r.item, r.title, r.reason) for r in got] == [(r.item, r.title, r.reason) for r in want]
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
+    assert fast._model is None  # served from recommend.npz: the model was never rebuilt
+    folded = fast.fold_in([(item, 5.0)])  # fold-in still works, rebuilding the model when it must
+    assert [r.item for r in fast.recommend_for(folded, k=3)] == [r.item for r in slow.recommend_for(folded, k=3)]
+
+
+def test_a_stale_or_broken_index_falls_back_to_the_checkpoint(tmp_path, rating_run):
+    import os
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(rating_run, folder)
+    user = busiest_user(Recommender.load(str(folder)))
+    want = [r.item for r in Recommender.load(str(folder)).recommend(user, k=5)]
+    assert Recommender.load(str(folder))._model is None  # copytree keeps the stamp (size, mtime)
+    checkpoint = folder / "checkpoint.pt"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10 ** 9))
+    stale = Recommender.load(str(folder))
+    assert stale._model is not None and [r.item for r in stale.recommend(user, k=5)] == want
+    (folder / "recommend.npz").write_bytes(b"not a zip file")
+    broken = Recommender.load(str(folder))
+    assert broken._model is not None and [r.item for r in broken.recommend(user, k=5)] == want
+
+
+def test_cli_answers_a_user_query_without_importing_torch(rating_run):
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{SCRIPT!r}, 'run_dir={rating_run}', 'user=0', 'k=3']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("torch imported: False") and "top 3 for user 0" in out.stdout
 
 
 def test_errors_for_unknown_ids_k_and_missing_parts(rating_run, tmp_path):
@@ -146,13 +194,13 @@ def test_rating_fold_in_recovers_a_planted_user():
     with torch.no_grad():
         scores = 3.0 + b + model.item_bias.weight[:, 0] + model.item_factors.weight @ p
     user = rec.fold_in([(str(i), float(scores[i])) for i in range(0, 12, 2)])
-    assert torch.allclose(user.vector, p, atol=1e-3) and user.bias == pytest.approx(b, abs=1e-3)
+    assert np.allclose(user.vector, p.numpy(), atol=1e-3) and user.bias == pytest.approx(b, abs=1e-3)
     # with the model's L2 the solution is the ridge one: the gradient of the objective vanishes
     ridge = Recommender(planted_mf(reg=0.5), ["u0", "u1"], [str(i) for i in range(12)], rating_scale=(-10, 10))
     given = list(range(0, 12, 2))
     u = ridge.fold_in([(str(i), float(scores[i])) for i in given])
     x = torch.cat([model.item_factors.weight.detach()[given], torch.ones(len(given), 1)], 1).double()
-    w = torch.cat([u.vector, torch.tensor([u.bias])]).double()
+    w = torch.cat([torch.from_numpy(u.vector), torch.tensor([u.bias])]).double()
     resid = scores[given].double() - 3.0 - model.item_bias.weight.detach()[given, 0].double() - x @ w
     grad = -x.T @ resid + 0.5 * len(given) * w
     assert grad.abs().max() < 1e-3
@@ -169,7 +217,7 @@ def test_ranking_fold_in_follows_the_given_positives():
     assert all(r.reason and r.reason.startswith("because you liked") for r in recs)
     assert set(user.liked.tolist()) == {0, 1}
     # without fold-in the same user would get the second group
-    blank = rec.recommend_for(type(user)(torch.zeros(3), 0.0, user.rated, user.liked), k=4)
+    blank = rec.recommend_for(type(user)(np.zeros(3, dtype=np.float32), 0.0, user.rated, user.liked), k=4)
     assert all(int(r.item) >= 6 for r in blank)
     with pytest.raises(UnknownIdError, match="unknown item '99'"):
         rec.fold_in([("99", 5)])
@@ -177,7 +225,7 @@ def test_ranking_fold_in_follows_the_given_positives():
     model.known_items[11] = False
     rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], config=config, rating_scale=(1, 5))
     with_unseen = rec.fold_in([("0", 5), ("1", 4), ("11", 5)])
-    assert torch.allclose(with_unseen.vector, rec.fold_in([("0", 5), ("1", 4)]).vector)
+    assert np.allclose(with_unseen.vector, rec.fold_in([("0", 5), ("1", 4)]).vector)
     assert "11" not in {r.item for r in rec.recommend_for(with_unseen, k=9)}
     with pytest.raises(ConfigError, match="outside this run's rating scale"):
         rec.fold_in([("1", 9)])
@@ -199,10 +247,10 @@ def test_features_fold_in_matches_the_model_on_an_unseen_user(fusion):
     folded = rec.fold_in([], {"gender": "F", "job": "b"})  # user c's features
     with torch.no_grad():
         side = model.user_side(torch.tensor([2]))
-    assert torch.allclose(folded.vector, side.vector[0], atol=1e-6)
+    assert np.allclose(folded.vector, side.vector[0].numpy(), atol=1e-6)
     assert folded.bias == pytest.approx(float(side.bias[0]), abs=1e-6)
     other = rec.fold_in([], {"gender": "M", "job": "b"})
-    assert not torch.allclose(other.vector, folded.vector)
+    assert not np.allclose(other.vector, folded.vector)
     with pytest.raises(UnknownIdError, match="unknown value 'X' for user feature 'gender'"):
         rec.fold_in([], {"gender": "X"})
     with pytest.raises(UnknownIdError, match="unknown user feature 'age'"):

@@ -245,7 +245,7 @@ def test_kfold_resume_skips_finished_folds(tmp_path):
     ref_dir = tmp_path / "ref"
     reference = train(compose_cfg(KFOLD), str(ref_dir))
     assert sorted(os.listdir(ref_dir)) == ["checkpoint.pt", "last-fold0.pt", "last-fold1.pt", "last-fold2.pt",
-                                          "metrics.json"]
+                                          "metrics.json", "recommend.npz"]
     run = tmp_path / "run"
     run.mkdir()
     # a run killed during fold 1: fold 0 finished, nothing else written
