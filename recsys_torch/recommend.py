@@ -76,6 +76,14 @@ def _unpack(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
     return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(ends[:-1], ends[1:])]
 
 
+def _by_user(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, n_users: int):
+    """Training rows grouped by user: ``(indptr [n_users + 1], item codes, ratings)``."""
+    order = np.argsort(users, kind="stable")
+    indptr = np.searchsorted(users[order], np.arange(n_users + 1)).astype(np.int64)
+    kind = np.int32 if len(items) == 0 or int(items.max()) < 2 ** 31 else np.int64
+    return indptr, items[order].astype(kind), ratings[order].astype(np.float32)
+
+
 def _normalize(rows: np.ndarray) -> np.ndarray:
     """Unit rows (as torch's F.normalize: a zero row stays zero)."""
     rows = rows.astype(np.float32, copy=False)
@@ -105,7 +113,10 @@ class Recommender:
         model = model.eval()
         with torch.no_grad():
             items = model.item_table()
-            users = model.user_side(torch.arange(model.n_users, device=model.global_bias.device))
+            parts = [model.user_side(ids) for ids in  # chunks: a user side may gather each user's items
+                     torch.arange(model.n_users, device=model.global_bias.device).split(65536)]
+        user_vectors = None if parts[0].vector is None else torch.cat([p.vector for p in parts]).float().cpu().numpy()
+        user_bias = torch.cat([p.bias for p in parts]).float().cpu().numpy()
         tower = getattr(model, "user_tower", None) is not None
         implicit = getattr(model, "implicit", None)
         self._setup(
@@ -114,15 +125,13 @@ class Recommender:
             global_bias=float(model.global_bias),
             item_vectors=None if items.vector is None else items.vector.float().cpu().numpy(),
             item_bias=items.bias.float().cpu().numpy(),
-            user_vectors=None if users.vector is None else users.vector.float().cpu().numpy(),
-            user_bias=users.bias.float().cpu().numpy(),
+            user_vectors=user_vectors, user_bias=user_bias,
             # a user without training rows has no trained id vector; a user feature tower still scores it
             user_scorable=model.known_users.cpu().numpy() | tower,
             candidates=(model.known_items.cpu().numpy().copy() if not getattr(model, "scores_unknown_items", False)
                         else np.ones(model.n_items, dtype=bool)),
-            train=None if train_users is None else (np.asarray(train_users, dtype=np.int64),
-                                                    np.asarray(train_items, dtype=np.int64),
-                                                    np.asarray(train_ratings, dtype=np.float32)),
+            train=None if train_users is None else _by_user(np.asarray(train_users), np.asarray(train_items),
+                                                            np.asarray(train_ratings), model.n_users),
             task=_task_of(config or {}), rating_scale=rating_scale,
             regs=(float(getattr(model, "reg", 0.0)), float(getattr(model, "reg_bias", 0.0)),
                   float(getattr(model, "reg_exponent", 0.0))),
@@ -151,12 +160,7 @@ class Recommender:
         self._model = None
         self._user_index: dict[str, int] | None = None
         self._item_index: dict[str, int] | None = None
-        self._train = None  # (indptr over users, item codes, ratings), rows grouped by user
-        if train is not None:
-            users, items, ratings = train
-            order = np.argsort(users, kind="stable")
-            indptr = np.searchsorted(users[order], np.arange(len(user_ids) + 1))
-            self._train = (indptr, items[order], ratings[order])
+        self._train = train  # (indptr over users, item codes, ratings): rows grouped by user
 
     # ---- loading and saving ------------------------------------------------------------------
     @classmethod
@@ -213,7 +217,7 @@ class Recommender:
                 item_vectors=a.get("item_vectors"), item_bias=a["item_bias"],
                 user_vectors=a.get("user_vectors"), user_bias=a["user_bias"], user_scorable=a["user_scorable"],
                 candidates=a["candidates"],
-                train=(a["train_users"], a["train_items"], a["train_ratings"]) if "train_users" in a else None,
+                train=(a["train_indptr"], a["train_items"], a["train_ratings"]) if "train_indptr" in a else None,
                 task=(bool(a["implicit"]), None if math.isnan(threshold) else threshold, str(a["loss"])),
                 rating_scale=a.get("rating_scale"), regs=tuple(a["regs"].tolist()), needs_model=bool(a["needs_model"]),
                 user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
@@ -246,9 +250,7 @@ class Recommender:
         if self.rating_scale is not None:
             a["rating_scale"] = np.array(self.rating_scale)
         if self._train is not None:
-            indptr, items, ratings = self._train
-            a["train_users"] = np.repeat(np.arange(len(self.user_ids)), np.diff(indptr))
-            a["train_items"], a["train_ratings"] = items, ratings
+            a["train_indptr"], a["train_items"], a["train_ratings"] = self._train
         atomic_npz(path, a)
 
     @property

@@ -143,8 +143,13 @@ def main(argv) -> int:
     try:
         args = parse_args(argv)
         result = evaluate(args)
-    except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - Hydra's instantiate wraps a component's RecsysError
+        from recsys_torch.train import _user_error
+
+        error = exc if isinstance(exc, RecsysError) else _user_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args["format"] == "json" else render(result, args["k"]))
     return 0

@@ -345,3 +345,18 @@ def test_foldin_eval_scores_held_out_users(tmp_path, ranking_run):
     for row in ("fold-in", "most popular", "no fold-in"):
         assert 0 <= result[row]["ndcg@5"] <= 1 and 0 < result[row]["hr@5"] <= 1
     assert script.render(result, 5).splitlines()[2].startswith("fold-in")
+
+
+def test_foldin_eval_reports_a_config_error_in_one_line(tmp_path, ranking_run, capsys):
+    import shutil
+
+    from recsys_torch.io import atomic_torch_save, load_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(ranking_run, run)
+    state = load_checkpoint(str(run / "checkpoint.pt"))
+    state["config"]["task"]["loss"] = "warp"  # e.g. a run written by another version
+    atomic_torch_save(str(run / "checkpoint.pt"), state)
+    assert load_foldin_eval().main([f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.loss must be one of") and len(err.strip().splitlines()) == 1
