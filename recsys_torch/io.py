@@ -95,10 +95,11 @@ def atomic_torch_save(path: str, obj: dict) -> None:
     _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None = None) -> None:
+def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None = None, seen=None) -> None:
     """Weights, id maps, feature tables, the training interactions (to exclude rated items when
     recommending) and the resolved config; then ``recommend.npz`` beside it (see
-    :mod:`recsys_torch.recommend`)."""
+    :mod:`recsys_torch.recommend`). ``seen``: other rows to exclude when recommending (a ranking
+    run's ratings below its threshold)."""
     from omegaconf import DictConfig, OmegaConf  # only for writing: loading stays light
 
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -117,6 +118,7 @@ def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None 
         "user_features": dataset.user_features.state() if dataset.user_features is not None else None,
         "rating_scale": list(inter.rating_scale) if inter.rating_scale else None,
         "train": {"users": train.users.cpu(), "items": train.items.cpu(), "ratings": train.ratings.cpu()},
+        "seen": None if seen is None else {"users": seen.users.cpu(), "items": seen.items.cpu()},
         "config": config,
         "metrics": _json_safe({k: v for k, v in (metrics or {}).items() if k != "folds"}),
     }
@@ -127,7 +129,8 @@ def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None 
     uf = state["user_features"] or {}
     rec = Recommender(model, state["user_ids"], state["item_ids"], state["item_titles"], train.users.cpu(),
                       train.items.cpu(), train.ratings.cpu(), config, state["rating_scale"], uf.get("vocab"),
-                      uf.get("dense_names"))
+                      uf.get("dense_names"), None if seen is None else seen.users.cpu(),
+                      None if seen is None else seen.items.cpu())
     rec.save_index(os.path.join(os.path.dirname(os.path.abspath(path)), INDEX_NAME), path)
 
 

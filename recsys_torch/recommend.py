@@ -107,7 +107,8 @@ class Recommender:
 
     def __init__(self, model, user_ids, item_ids, item_titles=None, train_users=None, train_items=None,
                  train_ratings=None, config: dict | None = None, rating_scale=None,
-                 user_vocab: list[str] | None = None, user_dense: list[str] | None = None) -> None:
+                 user_vocab: list[str] | None = None, user_dense: list[str] | None = None,
+                 seen_users=None, seen_items=None) -> None:
         import torch
 
         model = model.eval()
@@ -132,6 +133,8 @@ class Recommender:
                         else np.ones(model.n_items, dtype=bool)),
             train=None if train_users is None else _by_user(np.asarray(train_users), np.asarray(train_items),
                                                             np.asarray(train_ratings), model.n_users),
+            seen=None if seen_users is None else _by_user(np.asarray(seen_users), np.asarray(seen_items),
+                                                          np.zeros(len(seen_items)), model.n_users)[:2],
             task=_task_of(config or {}), rating_scale=rating_scale,
             regs=(float(getattr(model, "reg", 0.0)), float(getattr(model, "reg_bias", 0.0)),
                   float(getattr(model, "reg_exponent", 0.0))),
@@ -142,7 +145,7 @@ class Recommender:
 
     def _setup(self, *, user_ids, item_ids, titles, global_bias, item_vectors, item_bias, user_vectors,
                user_bias, user_scorable, candidates, train, task, rating_scale, regs, needs_model,
-               user_vocab, user_dense, model_name, checkpoint: str | None = None) -> None:
+               user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None) -> None:
         self.user_ids, self.item_ids = user_ids, item_ids
         self.titles = titles if titles else list(item_ids)
         self.global_bias = float(global_bias)
@@ -161,6 +164,7 @@ class Recommender:
         self._user_index: dict[str, int] | None = None
         self._item_index: dict[str, int] | None = None
         self._train = train  # (indptr over users, item codes, ratings): rows grouped by user
+        self._seen = seen  # (indptr, item codes): rated, yet not training rows (below a ranking threshold)
 
     # ---- loading and saving ------------------------------------------------------------------
     @classmethod
@@ -193,9 +197,11 @@ class Recommender:
             raise CheckpointError(f"cannot rebuild the model of {path}: {str(exc).splitlines()[0][:200]}") from None
         train = state.get("train") or {}
         uf = state.get("user_features") or {}
+        seen = state.get("seen") or {}
         rec = cls(model, state["user_ids"], state["item_ids"], state.get("item_titles"),
                   train.get("users"), train.get("items"), train.get("ratings"), state.get("config"),
-                  state.get("rating_scale"), uf.get("vocab"), uf.get("dense_names"))
+                  state.get("rating_scale"), uf.get("vocab"), uf.get("dense_names"), seen.get("users"),
+                  seen.get("items"))
         rec._checkpoint = path
         return rec
 
@@ -218,6 +224,7 @@ class Recommender:
                 user_vectors=a.get("user_vectors"), user_bias=a["user_bias"], user_scorable=a["user_scorable"],
                 candidates=a["candidates"],
                 train=(a["train_indptr"], a["train_items"], a["train_ratings"]) if "train_indptr" in a else None,
+                seen=(a["seen_indptr"], a["seen_items"]) if "seen_indptr" in a else None,
                 task=(bool(a["implicit"]), None if math.isnan(threshold) else threshold, str(a["loss"])),
                 rating_scale=a.get("rating_scale"), regs=tuple(a["regs"].tolist()), needs_model=bool(a["needs_model"]),
                 user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
@@ -251,6 +258,8 @@ class Recommender:
             a["rating_scale"] = np.array(self.rating_scale)
         if self._train is not None:
             a["train_indptr"], a["train_items"], a["train_ratings"] = self._train
+        if self._seen is not None:
+            a["seen_indptr"], a["seen_items"] = self._seen
         atomic_npz(path, a)
 
     @property
@@ -292,6 +301,15 @@ class Recommender:
         indptr, items, ratings = self._train
         return items[indptr[code]:indptr[code + 1]], ratings[indptr[code]:indptr[code + 1]]
 
+    def rated(self, code: int) -> np.ndarray:
+        """Every item the run knows the user rated: the training rows and, for ranking runs, the
+        ratings below the positive threshold (no training row, but the user has seen the item)."""
+        items = self.history(code)[0]
+        if self._seen is None:
+            return items
+        indptr, seen = self._seen
+        return np.concatenate([items, seen[indptr[code]:indptr[code + 1]]])
+
     def _liked(self, items: np.ndarray, ratings: np.ndarray, trained: bool = False) -> np.ndarray:
         """The items a user rated highly. Ranking runs: the positives (a ranking run's training rows
         are all positives, stored with rating 1). Rating runs: the ratings at or above the user's own
@@ -323,8 +341,8 @@ class Recommender:
             items, ratings = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         vector = None if self.user_vectors is None else self.user_vectors[code]
         scores = self.scores_for(vector, float(self.user_bias[code]))
-        return self._top(scores, k, items if exclude_rated else None, self._liked(items, ratings, trained=True),
-                         f"user {user}")
+        return self._top(scores, k, self.rated(code) if exclude_rated else None,
+                         self._liked(items, ratings, trained=True), f"user {user}")
 
     def recommend_for(self, vec: UserVector, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a folded-in user (see :meth:`fold_in`)."""

@@ -109,6 +109,15 @@ def _prepare_run_folder(output_dir: str, resume: bool) -> None:
     )
 
 
+def _below_threshold(task, inter: Interactions) -> Interactions | None:
+    """A ranking run's ratings under its positive threshold: no training rows, yet items the users
+    have seen, so recommend leaves them out too."""
+    threshold = getattr(task, "threshold", None)
+    if threshold is None:
+        return None
+    return inter.subset(inter.ratings < float(threshold))
+
+
 def _val_metrics(task, model, split) -> dict:
     """The validation metrics of the model that early stopping chose (before any refit)."""
     if not len(split.val):
@@ -258,7 +267,8 @@ def train(cfg: DictConfig, output_dir: str | None = None) -> dict:
     result["total_seconds"] = time.perf_counter() - t_start
     model, trained_on = first
     if main_rank:
-        save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, trained_on, result)
+        save_checkpoint(os.path.join(output_dir, "checkpoint.pt"), model, cfg, dataset, trained_on, result,
+                        seen=_below_threshold(task, dataset.interactions))
         atomic_json(os.path.join(output_dir, "metrics.json"), result)
     return result
 

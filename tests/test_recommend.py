@@ -29,11 +29,14 @@ def rating_run(tmp_path_factory):
     return out
 
 
+RANKING_RUN = ["task=ranking", "task.loss=softmax", "task.n_negatives=4", "split=user", "model=hybrid",
+               "trainer.epochs=3"]
+
+
 @pytest.fixture(scope="module")
 def ranking_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranking_run")
-    train(compose_cfg(["task=ranking", "task.loss=softmax", "task.n_negatives=4", "split=user", "model=hybrid",
-                       "trainer.epochs=3"]), str(out))
+    train(compose_cfg(RANKING_RUN), str(out))
     return out
 
 
@@ -57,7 +60,7 @@ def test_top_k_is_the_model_ranking_without_rated_items(run, request):
     rec = Recommender.load(str(request.getfixturevalue(run)))
     user = busiest_user(rec)
     code = rec.user_code(user)
-    rated = set(rec.history(code)[0].tolist())
+    rated = set(rec.rated(code).tolist())
     scores = rec.model.score_all(torch.tensor([code]))[0]
     allowed = [c for c in range(len(rec.item_ids)) if rec.candidates[c]]
     by_score = sorted(allowed, key=lambda c: (-float(scores[c]), c))
@@ -70,6 +73,22 @@ def test_top_k_is_the_model_ranking_without_rated_items(run, request):
     everything = rec.recommend(user, k=5, exclude_rated=False)
     assert [r.item for r in everything] == [rec.item_ids[c] for c in by_score][:5]
     assert rated & {rec.item_code(r.item) for r in everything}  # a busy user's rated items rank high
+
+
+def test_a_ranking_run_also_leaves_out_what_users_rated_below_its_threshold(ranking_run):
+    from recsys_torch.train import load_data
+
+    rec = Recommender.load(str(ranking_run))
+    inter = load_data(compose_cfg(RANKING_RUN)).interactions
+    low = inter.subset(inter.ratings < 4.0)  # no training rows in a ranking run, but seen all the same
+    code = int(torch.bincount(low.users).argmax())
+    mine = set(low.items[low.users == code].tolist())
+    assert mine and set(rec.rated(code).tolist()) == mine | set(rec.history(code)[0].tolist())
+    user = rec.user_ids[code]
+    n_left = int(rec.candidates.sum()) - int(rec.candidates[rec.rated(code)].sum())
+    assert mine.isdisjoint(rec.item_code(r.item) for r in rec.recommend(user, k=n_left))
+    assert mine & {rec.item_code(r.item) for r in rec.recommend(user, k=n_left, exclude_rated=False)}
+    assert rec._model is None  # the low ratings travel in recommend.npz too
 
 
 def test_reasons_name_the_liked_items_closest_to_each_recommendation(rating_run):
