@@ -147,3 +147,14 @@ def test_popularity_ranks_implicit_feedback_by_count():
     assert order == [2, 0, 3, 1]
     torch.testing.assert_close(predict(model, torch.tensor([0]), torch.tensor([2])), torch.tensor([1.0]),
                                atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["PopularityModel", "BaselineModel", "MFModel", "ContentModel", "HybridModel"])
+def test_a_misspelled_setting_is_refused_not_ignored(name):
+    import recsys_torch.models as models
+
+    cls = getattr(models, name)
+    if name != "ContentModel":  # which needs item features
+        cls(4, 5, item_features=None, user_features=None)  # what train.py passes every model is accepted
+    with pytest.raises(TypeError, match="embeding_dim"):
+        cls(4, 5, embeding_dim=8)

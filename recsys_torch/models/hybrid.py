@@ -62,7 +62,6 @@ class HybridModel(FactorizationModel):
         init_std: float = 0.1,
         bias_init_damping: float | None = None,
         reg_exponent: float = 0.0,
-        **_unused,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         item_features, user_features = as_features(item_features), as_features(user_features)

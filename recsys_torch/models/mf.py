@@ -11,7 +11,7 @@ class BaselineModel(FactorizationModel):
     """Global mean plus regularized user and item biases (Surprise's BaselineOnly)."""
 
     def __init__(self, n_users: int, n_items: int, reg_bias: float = 0.02, reg_exponent: float = 0.0,
-                 **_unused) -> None:
+                 item_features=None, user_features=None) -> None:  # features: accepted, not used
         super().__init__(n_users, n_items, reg_exponent)
         self.reg_bias = float(reg_bias)
         self.user_bias = bias_embedding(n_users)
@@ -42,7 +42,8 @@ class MFModel(FactorizationModel):
         reg_bias: float = 0.01,
         init_std: float = 0.1,
         reg_exponent: float = 0.0,
-        **_unused,
+        item_features=None,  # accepted like every model's, not used
+        user_features=None,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         self.embedding_dim = int(embedding_dim)

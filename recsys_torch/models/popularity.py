@@ -17,7 +17,8 @@ class PopularityModel(FactorizationModel):
     learned by gradient descent: :meth:`prepare` computes it from the training data.
     """
 
-    def __init__(self, n_users: int, n_items: int, damping: float = 5.0, **_unused) -> None:
+    def __init__(self, n_users: int, n_items: int, damping: float = 5.0, item_features=None,
+                 user_features=None) -> None:  # features: accepted like every model's, not used
         super().__init__(n_users, n_items)
         self.damping = float(damping)
         self.register_buffer("item_score", torch.zeros(self.n_items))
