@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,8 +233,8 @@ class Recommender:
                 checkpoint=checkpoint,
             )
             return rec
-        except (OSError, ValueError, KeyError, EOFError):  # unreadable or foreign: the checkpoint serves
-            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None  # unreadable, truncated or foreign: the checkpoint serves instead
 
     def save_index(self, path: str, checkpoint: str) -> None:
         """Write the tables to ``path`` (atomically), tied to the ``checkpoint`` file they came from."""
