@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from recsys_torch.optim import advance_adam_state
+
 log = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mf_fused.cpp")
@@ -85,11 +87,7 @@ class FusedMF(torch.optim.Optimizer):
         out = []
         for t in self.tables:
             state = self.state[t]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(t)
-                state["exp_avg_sq"] = torch.zeros_like(t)
-            state["step"] += 1
+            advance_adam_state(state, t)
             out += [state["exp_avg"], state["exp_avg_sq"]]
         return out
 

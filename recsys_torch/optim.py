@@ -58,6 +58,16 @@ class RowSGD(torch.optim.Optimizer):
                     p.add_(g, alpha=-group["lr"])
 
 
+def advance_adam_state(state: dict, like: torch.Tensor) -> None:
+    """Count one more Adam step in ``state``, creating its zero moments (shaped like ``like``) on the
+    first; the layout of torch's Adam, shared by :class:`RowAdam` and the fused kernel's optimizer."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(like)
+        state["exp_avg_sq"] = torch.zeros_like(like)
+    state["step"] += 1
+
+
 class RowAdam(torch.optim.Optimizer):
     """Lazy Adam (as ``torch.optim.SparseAdam``): moments and parameters change only on touched rows;
     bias correction uses the global step count."""
@@ -73,11 +83,7 @@ class RowAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
+                advance_adam_state(state, p)
                 bc1 = 1 - beta1 ** state["step"]
                 bc2 = 1 - beta2 ** state["step"]
                 if p.grad.is_sparse:
