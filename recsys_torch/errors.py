@@ -28,3 +28,15 @@ class CheckpointError(RecsysError):
 
 class TrainingError(RecsysError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM stopped training after its state was saved."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class OutputError(RecsysError):
+    """A run's outputs cannot be written (a full disk, a read-only folder) or its folder is in use."""

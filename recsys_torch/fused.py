@@ -16,9 +16,11 @@ import threading
 
 import torch
 
-from recsys_torch.optim import advance_adam_state
+from recsys_torch.optim import OptimizerGroup, advance_adam_state
 
 log = logging.getLogger(__name__)
+
+ONLINE_CHUNK = 16384  # ratings per trainer step (progress, loss logging, signal checks) in online SGD
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mf_fused.cpp")
 _lock = threading.Lock()
@@ -61,8 +63,6 @@ class FusedMF(torch.optim.Optimizer):
     """An optimizer over an MFModel's four tables whose :meth:`fused_step` also computes the loss
     and gradients. Its ``param_groups`` / ``state`` mirror :class:`~recsys_torch.optim.RowAdam`, so
     learning-rate schedulers and checkpoints work unchanged."""
-
-    fused = True
 
     def __init__(self, model, optimizer: str = "adam", lr: float = 0.001, betas=(0.9, 0.999), eps: float = 1e-8,
                  online: bool = False):
@@ -119,3 +119,19 @@ class FusedMF(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass
+
+
+class FusedStep:
+    """The trainer's step through the kernel (see :func:`recsys_torch.steps.build_step`): a minibatch
+    per call, or with ``batch_size=1`` and SGD a chunk of :data:`ONLINE_CHUNK` single-rating steps."""
+
+    def __init__(self, model, optimizer: str, lr: float, batch_size: int, num_threads: int | None = None) -> None:
+        self.kernel = FusedMF(model, optimizer, lr, online=batch_size == 1 and optimizer == "sgd")
+        self.optimizers = OptimizerGroup([self.kernel])
+        self.rows_per_step = ONLINE_CHUNK if self.kernel.online else batch_size
+        self.num_threads = num_threads
+
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+        loss = self.kernel.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
+        self.kernel.step()  # a no-op that lets learning-rate schedulers see a step
+        return loss

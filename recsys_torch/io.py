@@ -1,5 +1,7 @@
-"""Run outputs written atomically (temporary file, then rename) and checkpoints that load with
-``torch.load(weights_only=True)``: tensors, strings, numbers, lists and dicts only, never pickled code."""
+"""The floor of the package: files written atomically (a temporary file, then a rename) and torch files
+loaded safely (``torch.load(weights_only=True)``: tensors, strings, numbers, lists and dicts only, never
+pickled code). Imports nothing of recsys_torch but its errors; the file formats live in
+:mod:`recsys_torch.checkpoint`."""
 
 from __future__ import annotations
 
@@ -11,12 +13,8 @@ import re
 import tempfile
 import warnings
 
-import torch
+from recsys_torch.errors import CheckpointError, OutputError
 
-from recsys_torch.data.features import Features
-from recsys_torch.errors import CheckpointError
-
-CHECKPOINT_FORMAT = "recsys_torch/1"
 TMP_PREFIX = ".tmp-"  # files of unfinished atomic writes
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _UMASK = os.umask(0)
@@ -24,19 +22,27 @@ os.umask(_UMASK)
 
 
 def _atomic_write(path: str, write) -> None:
+    """Write ``path`` whole or not at all. A full disk or a folder that cannot be written is an
+    :class:`OutputError` naming the file (the old file, if any, is left as it was)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise OutputError(f"cannot write {path}: {reason}") from None
+        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch.save wraps ENOSPC
+            raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0][:160]}") from None
         raise
     _fsync_folder(folder)
 
@@ -69,18 +75,19 @@ def remove_stale_temporaries(folder: str) -> int:
     return removed
 
 
-def _json_safe(value):
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def atomic_json(path: str, data: dict) -> None:
-    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n"
     _atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
@@ -92,46 +99,9 @@ def atomic_npz(path: str, arrays: dict) -> None:
 
 
 def atomic_torch_save(path: str, obj: dict) -> None:
+    import torch
+
     _atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def save_checkpoint(path: str, model, cfg, dataset, train, metrics: dict | None = None, seen=None) -> None:
-    """Weights, id maps, feature tables, the training interactions (to exclude rated items when
-    recommending) and the resolved config; then ``recommend.npz`` beside it (see
-    :mod:`recsys_torch.recommend`). ``seen``: other rows to exclude when recommending (a ranking
-    run's ratings below its threshold)."""
-    from omegaconf import DictConfig, OmegaConf  # only for writing: loading stays light
-
-    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    inter = dataset.interactions
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model_target": f"{type(model).__module__}.{type(model).__qualname__}",
-        "model_config": {k: v for k, v in (config.get("model") or {}).items() if k != "_target_"},
-        "n_users": inter.n_users,
-        "n_items": inter.n_items,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "user_ids": [str(x) for x in inter.user_ids],
-        "item_ids": [str(x) for x in inter.item_ids],
-        "item_titles": list(dataset.item_titles) if dataset.item_titles else None,
-        "item_features": dataset.item_features.state() if dataset.item_features is not None else None,
-        "user_features": dataset.user_features.state() if dataset.user_features is not None else None,
-        "rating_scale": list(inter.rating_scale) if inter.rating_scale else None,
-        "train": {"users": train.users.cpu(), "items": train.items.cpu(), "ratings": train.ratings.cpu()},
-        "seen": None if seen is None else {"users": seen.users.cpu(), "items": seen.items.cpu()},
-        "config": config,
-        "metrics": _json_safe({k: v for k, v in (metrics or {}).items() if k != "folds"}),
-    }
-    atomic_torch_save(path, state)
-    # the frozen tables, beside it, so that recommending for a user starts without torch
-    from recsys_torch.recommend import INDEX_NAME, Recommender
-
-    uf = state["user_features"] or {}
-    rec = Recommender(model, state["user_ids"], state["item_ids"], state["item_titles"], train.users.cpu(),
-                      train.items.cpu(), train.ratings.cpu(), config, state["rating_scale"], uf.get("vocab"),
-                      uf.get("dense_names"), None if seen is None else seen.users.cpu(),
-                      None if seen is None else seen.items.cpu())
-    rec.save_index(os.path.join(os.path.dirname(os.path.abspath(path)), INDEX_NAME), path)
 
 
 def safe_torch_load(path: str, map_location="cpu"):
@@ -142,6 +112,8 @@ def safe_torch_load(path: str, map_location="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing
             warnings.simplefilter("ignore")
@@ -156,29 +128,3 @@ def safe_torch_load(path: str, map_location="cpu"):
     except Exception as exc:  # torch raises RuntimeError, EOFError, zip errors... on corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {path}: not a readable checkpoint ({first[:200]})") from None
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint safely; refuse anything that needs pickled code."""
-    state = safe_torch_load(path, map_location)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a recsys_torch checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def model_from_checkpoint(state: dict):
-    """Rebuild the model of a checkpoint (only classes inside recsys_torch.models are allowed)."""
-    import importlib
-
-    target = state["model_target"]
-    module_name, _, cls_name = target.rpartition(".")
-    if not module_name.startswith("recsys_torch.models"):
-        raise CheckpointError(f"checkpoint names a model outside recsys_torch.models: {target}")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    item_features = Features.from_state(state["item_features"]) if state.get("item_features") else None
-    user_features = Features.from_state(state["user_features"]) if state.get("user_features") else None
-    model = cls(n_users=state["n_users"], n_items=state["n_items"], item_features=item_features,
-                user_features=user_features, **state["model_config"])
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    return model

@@ -38,4 +38,18 @@ def full_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+def user_softmax(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax cross-entropy of positives against the whole catalog with each user's logits computed
+    once: ``logits`` ``[U, n_items]`` (one row per user), positive ``p`` is item ``targets[p]`` of row
+    ``rows[p]``. The (``weights``-weighted) mean over positives, so it equals :func:`full_softmax`
+    of the same positives with their user's logits repeated per positive (Mult-VAE's multinomial
+    likelihood, at the cost of one row of logits per user instead of per positive)."""
+    log_norm = torch.logsumexp(logits, dim=1)
+    nll = log_norm.index_select(0, rows) - logits[rows, targets]
+    if weights is None:
+        return nll.mean()
+    return (nll * weights).sum() / weights.sum()
+
+
 LOSSES = {"mse": mse, "bpr": bpr, "softmax": sampled_softmax, "full_softmax": full_softmax}

@@ -196,3 +196,22 @@ def ranking_metrics(
         out[f"avg_popularity@{k}"] = float(popularity[shown].mean()) if len(shown) else 0.0
     out["n_users"] = float(len(eval_users))
     return out
+
+
+def aggregate_folds(folds: list[dict]) -> dict:
+    """Several folds' metrics as one: the mean over folds under each plain key, the sample standard
+    deviation (n - 1 in the denominator) of every ``val/`` and ``test/`` metric beside it as
+    ``<key>_std``, and the per-fold dicts under ``folds``. One fold is returned as it is."""
+    if len(folds) == 1:
+        return dict(folds[0])
+    out: dict = {}
+    for key in folds[0]:
+        values = [f[key] for f in folds if isinstance(f.get(key), (int, float))]
+        if len(values) != len(folds):
+            continue
+        t = torch.tensor(values, dtype=torch.float64)
+        out[key] = float(t.mean())
+        if key.startswith(("val/", "test/")):
+            out[f"{key}_std"] = float(t.std(unbiased=True))
+    out["folds"] = folds
+    return out

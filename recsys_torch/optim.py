@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from recsys_torch.errors import ConfigError
 
 SCRATCH_ON_CPU = False  # tests set it to check the GPU (sync-free) path on the CPU
 
@@ -128,3 +129,77 @@ class RowAdagrad(torch.optim.Optimizer):
                 else:
                     state["sum"].addcmul_(p.grad, p.grad)
                     p.addcdiv_(p.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+# ---- building them ---------------------------------------------------------------------------------
+OPTIMIZERS = ("sgd", "adam", "sparse_adam", "adagrad")
+SCHEDULES = ("none", "cosine", "exponential", "step")
+
+
+class OptimizerGroup:
+    """Steps a group of optimizers (sparse embedding tables and dense layers) as one."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
+
+
+def _sparse_params(model: torch.nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and m.sparse}
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float) -> OptimizerGroup:
+    """Sparse embedding tables get a row-wise optimizer (a step touches only the rows in the batch);
+    dense layers get torch's own. ``sgd``, ``adam`` and ``adagrad`` name the update rule;
+    ``sparse_adam`` uses torch's ``SparseAdam`` for the tables (the reference implementation of the
+    same rule as ``adam``, slower)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"trainer.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    sparse_ids = _sparse_params(model)
+    sparse = [p for p in params if id(p) in sparse_ids]
+    dense = [p for p in params if id(p) not in sparse_ids]
+    row_rule = {"sgd": RowSGD, "adam": RowAdam, "adagrad": RowAdagrad, "sparse_adam": torch.optim.SparseAdam}[name]
+    dense_rule = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}.get(name, torch.optim.Adam)
+    opts = []
+    if sparse:
+        opts.append(row_rule(sparse, lr=lr))
+    if dense:
+        opts.append(dense_rule(dense, lr=lr))
+    return OptimizerGroup(opts)
+
+
+def build_schedulers(optimizers: OptimizerGroup, schedule: str, epochs: int, gamma: float, step_size: int) -> list:
+    """One learning-rate scheduler per optimizer of the group, stepped once per epoch."""
+    if schedule in (None, "none"):
+        return []
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"trainer.lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    out = []
+    for opt in optimizers.optimizers:
+        if schedule == "cosine":
+            out.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)))
+        elif schedule == "exponential":
+            out.append(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma))
+        else:
+            out.append(torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma))
+    return out

@@ -3,18 +3,22 @@ to an item, and fold-in of a new user from a few ratings and/or user features.
 
 Every model shares ``score = mu + b_u + b_i + <user_vector, item_vector>``, so one routine serves
 them all: the user and item sides are computed once, frozen into numpy tables, and a user (known, or
-folded in) is scored against them.
+folded in) is scored against them. What this module asks of a model is the serving part of
+:class:`~recsys_torch.models.base.FactorizationModel` (``user_table``, ``item_table``,
+``scores_unknown_users`` / ``_items``, ``regularization``, ``new_user``); of a task, ``implicit``,
+``threshold``, ``config()`` and ``fold_in_loss``.
 
 Training writes those tables next to the checkpoint (``recommend.npz``: numpy only, no pickles), so a
 query for a user or an item of the run starts without importing torch, which takes longer than the
-query itself. The model is rebuilt from ``checkpoint.pt`` only when a query needs it: fold-in of a
-ranking run (L-BFGS), user features, or the SVD++ term. A run without a current ``recommend.npz``
-(an older run, or one whose checkpoint was replaced) is served from the checkpoint, with the same
-results.
+query itself. The model and task are rebuilt from ``checkpoint.pt`` only when a query needs them:
+fold-in of a ranking run (L-BFGS on the task's loss), user features, or the SVD++ term. A run without
+a current ``recommend.npz`` (an older run, or one whose checkpoint was replaced) is served from the
+checkpoint, with the same results.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import zipfile
@@ -22,11 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys_torch.errors import CheckpointError, ConfigError, RecsysError, UnknownIdError
+from recsys_torch.errors import CheckpointError, ConfigError, UnknownIdError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 INDEX_NAME = "recommend.npz"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 N_REASONS = 2  # liked items named per recommendation
 
 
@@ -53,15 +57,6 @@ class UserVector:
     bias: float
     rated: np.ndarray  # item codes to exclude
     liked: np.ndarray  # item codes to explain recommendations with
-
-
-def _task_of(config: dict) -> tuple[bool, float | None, str]:
-    """(implicit?, positive threshold, loss) of the run's task."""
-    task = (config or {}).get("task") or {}
-    if not str(task.get("_target_", "")).endswith("RankingTask"):
-        return False, None, "mse"
-    threshold = task.get("threshold", 4.0)
-    return True, None if threshold is None else float(threshold), str(task.get("loss", "bpr"))
 
 
 def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,55 +93,50 @@ def _checkpoint_stamp(path: str) -> np.ndarray:
     return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
+def _numpy(t) -> np.ndarray | None:
+    return None if t is None else t.detach().float().cpu().numpy()
+
+
 class Recommender:
     """A trained model's frozen tables with its id maps, titles and training interactions.
 
     ``Recommender.load(run_dir)`` reads ``run_dir/recommend.npz`` (or ``checkpoint.pt``); the
-    constructor takes a model and the parts directly (``train_*``: the training rows, to exclude
-    already rated items and to explain).
+    constructor takes a model, its task and the parts directly (``train_*``: the training rows, to
+    exclude already rated items and to explain).
     """
 
     def __init__(self, model, user_ids, item_ids, item_titles=None, train_users=None, train_items=None,
-                 train_ratings=None, config: dict | None = None, rating_scale=None,
-                 user_vocab: list[str] | None = None, user_dense: list[str] | None = None,
-                 seen_users=None, seen_items=None) -> None:
-        import torch
+                 train_ratings=None, task=None, rating_scale=None, user_vocab: list[str] | None = None,
+                 user_dense: list[str] | None = None, seen_users=None, seen_items=None) -> None:
+        if task is None:  # a run of ratings
+            from recsys_torch.checkpoint import task_from_config
 
+            task = task_from_config(None)
         model = model.eval()
-        with torch.no_grad():
-            items = model.item_table()
-            parts = [model.user_side(ids) for ids in  # chunks: a user side may gather each user's items
-                     torch.arange(model.n_users, device=model.global_bias.device).split(65536)]
-        user_vectors = None if parts[0].vector is None else torch.cat([p.vector for p in parts]).float().cpu().numpy()
-        user_bias = torch.cat([p.bias for p in parts]).float().cpu().numpy()
-        tower = getattr(model, "user_tower", None) is not None
-        implicit = getattr(model, "implicit", None)
+        items, users = model.item_table(), model.user_table()
         self._setup(
             user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
             titles=[str(t) for t in item_titles] if item_titles else None,
-            global_bias=float(model.global_bias),
-            item_vectors=None if items.vector is None else items.vector.float().cpu().numpy(),
-            item_bias=items.bias.float().cpu().numpy(),
-            user_vectors=user_vectors, user_bias=user_bias,
+            global_bias=float(model.global_bias), item_vectors=_numpy(items.vector), item_bias=_numpy(items.bias),
+            user_vectors=_numpy(users.vector), user_bias=_numpy(users.bias),
             # a user without training rows has no trained id vector; a user feature tower still scores it
-            user_scorable=model.known_users.cpu().numpy() | tower,
-            candidates=(model.known_items.cpu().numpy().copy() if not getattr(model, "scores_unknown_items", False)
-                        else np.ones(model.n_items, dtype=bool)),
+            user_scorable=model.known_users.cpu().numpy() | model.scores_unknown_users,
+            candidates=(np.ones(model.n_items, dtype=bool) if model.scores_unknown_items
+                        else model.known_items.cpu().numpy().copy()),
             train=None if train_users is None else _by_user(np.asarray(train_users), np.asarray(train_items),
                                                             np.asarray(train_ratings), model.n_users),
             seen=None if seen_users is None else _by_user(np.asarray(seen_users), np.asarray(seen_items),
                                                           np.zeros(len(seen_items)), model.n_users)[:2],
-            task=_task_of(config or {}), rating_scale=rating_scale,
-            regs=(float(getattr(model, "reg", 0.0)), float(getattr(model, "reg_bias", 0.0)),
-                  float(getattr(model, "reg_exponent", 0.0))),
-            needs_model=tower or (implicit is not None and hasattr(implicit, "y")),
-            user_vocab=user_vocab, user_dense=user_dense, model_name=type(model).__name__,
+            task=(task.implicit, task.threshold, task.loss_name), task_config=task.config(),
+            rating_scale=rating_scale, regs=model.regularization(), needs_model=model.new_user_needs_model,
+            scores_unknown_users=model.scores_unknown_users, user_vocab=user_vocab, user_dense=user_dense,
+            model_name=type(model).__name__,
         )
-        self._model = model
+        self._model, self._task = model, task
 
     def _setup(self, *, user_ids, item_ids, titles, global_bias, item_vectors, item_bias, user_vectors,
-               user_bias, user_scorable, candidates, train, task, rating_scale, regs, needs_model,
-               user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None) -> None:
+               user_bias, user_scorable, candidates, train, task, task_config, rating_scale, regs, needs_model,
+               scores_unknown_users, user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None) -> None:
         self.user_ids, self.item_ids = user_ids, item_ids
         self.titles = titles if titles else list(item_ids)
         self.global_bias = float(global_bias)
@@ -154,14 +144,15 @@ class Recommender:
         self.user_vectors, self.user_bias, self.user_scorable = user_vectors, user_bias, user_scorable
         self.candidates = candidates
         self.implicit, self.threshold, self.loss = task
+        self.task_config = dict(task_config)
         self.rating_scale = tuple(float(x) for x in rating_scale) if rating_scale is not None and len(rating_scale) else None
         self.reg, self.reg_bias, self.reg_exponent = regs
-        self.needs_model = bool(needs_model)
+        self.needs_model, self.scores_unknown_users = bool(needs_model), bool(scores_unknown_users)
         self.user_vocab = list(user_vocab) if user_vocab is not None else None
         self.user_dense = list(user_dense or [])
         self.model_name = model_name
         self._checkpoint = checkpoint
-        self._model = None
+        self._model = self._task = None
         self._user_index: dict[str, int] | None = None
         self._item_index: dict[str, int] | None = None
         self._train = train  # (indptr over users, item codes, ratings): rows grouped by user
@@ -183,26 +174,24 @@ class Recommender:
         return cls._from_checkpoint(path)
 
     @classmethod
-    def _from_checkpoint(cls, path: str) -> "Recommender":
-        from recsys_torch.io import load_checkpoint, model_from_checkpoint
+    def from_state(cls, state: dict, model=None, task=None) -> "Recommender":
+        """From what :func:`recsys_torch.checkpoint.save_checkpoint` wrote (the model and task are
+        rebuilt from it unless given)."""
+        from recsys_torch.checkpoint import model_from_checkpoint, task_from_checkpoint
 
-        state = load_checkpoint(path)
-        for key in ("state_dict", "model_target", "user_ids", "item_ids"):
-            if key not in state:
-                raise CheckpointError(f"{path} has no {key!r}: it was not written by recsys_torch.train")
-        try:
-            model = model_from_checkpoint(state)
-        except RecsysError:
-            raise
-        except Exception as exc:  # a checkpoint whose weights do not fit its model class
-            raise CheckpointError(f"cannot rebuild the model of {path}: {str(exc).splitlines()[0][:200]}") from None
-        train = state.get("train") or {}
+        model = model if model is not None else model_from_checkpoint(state)
+        task = task if task is not None else task_from_checkpoint(state)
+        train, seen = state.get("train") or {}, state.get("seen") or {}
         uf = state.get("user_features") or {}
-        seen = state.get("seen") or {}
-        rec = cls(model, state["user_ids"], state["item_ids"], state.get("item_titles"),
-                  train.get("users"), train.get("items"), train.get("ratings"), state.get("config"),
-                  state.get("rating_scale"), uf.get("vocab"), uf.get("dense_names"), seen.get("users"),
-                  seen.get("items"))
+        return cls(model, state["user_ids"], state["item_ids"], state.get("item_titles"), train.get("users"),
+                   train.get("items"), train.get("ratings"), task, state.get("rating_scale"), uf.get("vocab"),
+                   uf.get("dense_names"), seen.get("users"), seen.get("items"))
+
+    @classmethod
+    def _from_checkpoint(cls, path: str) -> "Recommender":
+        from recsys_torch.checkpoint import load_checkpoint
+
+        rec = cls.from_state(load_checkpoint(path))
         rec._checkpoint = path
         return rec
 
@@ -227,7 +216,9 @@ class Recommender:
                 train=(a["train_indptr"], a["train_items"], a["train_ratings"]) if "train_indptr" in a else None,
                 seen=(a["seen_indptr"], a["seen_items"]) if "seen_indptr" in a else None,
                 task=(bool(a["implicit"]), None if math.isnan(threshold) else threshold, str(a["loss"])),
+                task_config=json.loads(str(a["task_config"])),
                 rating_scale=a.get("rating_scale"), regs=tuple(a["regs"].tolist()), needs_model=bool(a["needs_model"]),
+                scores_unknown_users=bool(a["scores_unknown_users"]),
                 user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
                 user_dense=_unpack(a["user_dense"], a["user_dense_offsets"]), model_name=str(a["model_name"]),
                 checkpoint=checkpoint,
@@ -245,16 +236,18 @@ class Recommender:
             "global_bias": np.array(self.global_bias), "item_bias": self.item_bias, "user_bias": self.user_bias,
             "user_scorable": self.user_scorable, "candidates": self.candidates,
             "implicit": np.array(self.implicit), "threshold": np.array(math.nan if self.threshold is None else self.threshold),
-            "loss": np.array(self.loss), "regs": np.array([self.reg, self.reg_bias, self.reg_exponent]),
-            "needs_model": np.array(self.needs_model), "model_name": np.array(self.model_name),
+            "loss": np.array(self.loss), "task_config": np.array(json.dumps(self.task_config)),
+            "regs": np.array([self.reg, self.reg_bias, self.reg_exponent]),
+            "needs_model": np.array(self.needs_model), "scores_unknown_users": np.array(self.scores_unknown_users),
+            "model_name": np.array(self.model_name),
         }
         for name, strings in (("user_ids", self.user_ids), ("item_ids", self.item_ids), ("titles", self.titles),
                               ("user_vocab", self.user_vocab), ("user_dense", self.user_dense)):
             if strings is not None:
                 a[name], a[f"{name}_offsets"] = _pack(strings)
-        for name in ("item_vectors", "user_vectors"):
-            if getattr(self, name) is not None:
-                a[name] = getattr(self, name)
+        for name, table in (("item_vectors", self.item_vectors), ("user_vectors", self.user_vectors)):
+            if table is not None:
+                a[name] = table
         if self.rating_scale is not None:
             a["rating_scale"] = np.array(self.rating_scale)
         if self._train is not None:
@@ -271,6 +264,16 @@ class Recommender:
                 raise CheckpointError("this recommender has no checkpoint to rebuild its model from")
             self._model = type(self)._from_checkpoint(self._checkpoint)._model
         return self._model
+
+    @property
+    def task(self):
+        """The run's task (its fold-in loss), rebuilt from its config on first use."""
+        if self._task is None:
+            from recsys_torch.checkpoint import task_from_config
+
+            self._task = task_from_config(self.task_config)
+        return self._task
+
 
     # ---- ids ----------------------------------------------------------------------------------
     def user_code(self, user) -> int:
@@ -472,7 +475,6 @@ class Recommender:
         if self.item_vectors is None or len(positives) == 0:
             return prior_vec, prior_bias  # a bias does not change one user's ranking
         import torch
-        import torch.nn.functional as F
 
         cand = np.flatnonzero(self.candidates)
         q = torch.from_numpy(self.item_vectors[cand].astype(np.float64))
@@ -480,21 +482,15 @@ class Recommender:
         position = np.full(len(self.item_ids), -1, dtype=np.int64)
         position[cand] = np.arange(len(cand))
         pos = torch.from_numpy(position[positives])
-        is_pos = torch.zeros(len(cand), dtype=torch.bool)
-        is_pos[pos] = True
         lam, _ = self._reg(len(pos))
         start = torch.from_numpy(prior_vec.astype(np.float64))
         delta = torch.zeros_like(start, requires_grad=True)
         opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+        task = self.task
 
         def closure():
             opt.zero_grad()
-            s = b + q @ (start + delta)
-            if self.loss in ("softmax", "full_softmax"):
-                loss = (torch.logsumexp(s, 0) - s[pos]).sum()
-            else:  # BPR: each positive against every non-positive item
-                loss = -F.logsigmoid(s[pos].unsqueeze(1) - s[~is_pos].unsqueeze(0)).mean(1).sum()
-            loss = loss + lam * delta.pow(2).sum()
+            loss = task.fold_in_loss(b + q @ (start + delta), pos) + lam * delta.pow(2).sum()
             loss.backward()
             return loss
 
@@ -503,42 +499,21 @@ class Recommender:
         return (start + delta.detach()).float().numpy(), prior_bias
 
     def _prior(self, codes: np.ndarray, user_features) -> tuple[np.ndarray, float]:
-        """Where a new user starts: the user feature tower's output (when features are given) plus the
-        SVD++ term of the rated items (for models with one); zero otherwise."""
+        """Where a new user starts: the model's :meth:`new_user` (the user feature tower's output for
+        the given features, the SVD++ term of the rated items, in models with them); zero otherwise."""
         d = self.item_vectors.shape[1] if self.item_vectors is not None else 0
-        vec, bias = np.zeros(d, dtype=np.float32), 0.0
-        if user_features is not None:
-            vec, bias = self._from_features(user_features)
-        if len(codes) and d and self.needs_model:
-            implicit = getattr(self.model, "implicit", None)
-            if implicit is not None and hasattr(implicit, "y"):
-                y = implicit.y.weight.detach().cpu().numpy()
-                vec = vec + y[codes].sum(0) / math.sqrt(len(codes))
-        return vec.astype(np.float32), float(bias)
-
-    def _from_features(self, user_features: dict) -> tuple[np.ndarray, float]:
-        tower = getattr(self.model, "user_tower", None) if self.needs_model else None
-        if tower is None or self.user_vocab is None:
+        if user_features is not None and (not self.scores_unknown_users or self.user_vocab is None):
             raise CheckpointError(f"this run's model ({self.model_name}) has no user feature tower: "
                                   "recommending from user features needs model=content or hybrid trained on data "
                                   "with user features")
-        import copy
-
+        if not self.needs_model or (user_features is None and not (len(codes) and d)):
+            return np.zeros(d, dtype=np.float32), 0.0
         import torch
 
-        index, weight = self._feature_bag(user_features)
-        n_dense = tower.dense.shape[1]
-        with torch.no_grad():
-            # the tower reads its bags from buffers indexed by user code: give it a one-user table
-            probe = copy.copy(tower)
-            probe._buffers = {**tower._buffers, "index": torch.from_numpy(index), "weight": torch.from_numpy(weight),
-                              "dense": torch.zeros(1, n_dense)}
-            vec, bias, _ = probe(torch.zeros(1, dtype=torch.long))
-            fusion = getattr(self.model, "user_fusion", None)
-            if fusion is not None:  # hybrid: fuse with an id part that a new user does not have
-                zero = torch.zeros(1)
-                vec, bias = fusion(torch.zeros_like(vec), zero, vec, bias, zero)
-        return vec[0].float().numpy(), float(bias[0])
+        bag = None if user_features is None else tuple(map(torch.from_numpy, self._feature_bag(user_features)))
+        side = self.model.new_user(torch.from_numpy(codes), bag)
+        vec = np.zeros(d, dtype=np.float32) if side.vector is None else side.vector.float().cpu().numpy()
+        return vec.astype(np.float32), float(side.bias)
 
     def _feature_bag(self, user_features: dict) -> tuple[np.ndarray, np.ndarray]:
         vocab = {name: i for i, name in enumerate(self.user_vocab)}
@@ -562,3 +537,10 @@ class Recommender:
         if not ids:
             ids, weights = [0], [0.0]
         return np.array([ids], dtype=np.int64), np.array([weights], dtype=np.float32)
+
+
+def write_index(checkpoint: str, state: dict, model, task) -> None:
+    """``recommend.npz`` beside ``checkpoint``, from the model and task of the run and the checkpoint
+    ``state`` that :func:`recsys_torch.checkpoint.save_checkpoint` wrote."""
+    rec = Recommender.from_state(state, model, task)
+    rec.save_index(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), INDEX_NAME), checkpoint)

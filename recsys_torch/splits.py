@@ -24,6 +24,7 @@ class Split:
     val: Interactions
     test: Interactions
     name: str = "split"
+    assign: np.ndarray | None = None  # the part of each row of the split data: 0 train, 1 val, 2 test
 
 
 def _check_fraction(name: str, value: float, allow_zero: bool = True) -> float:
@@ -42,7 +43,7 @@ def _make(inter: Interactions, assign: np.ndarray, name: str, need_val: bool = T
         raise ConfigError(f"split {name!r} leaves the test set empty; raise split.test or use more data")
     if need_val and len(parts[1]) == 0:
         log.warning("split %r leaves the validation set empty: no early stopping", name)
-    return Split(*parts, name=name)
+    return Split(*parts, name=name, assign=assign)
 
 
 def _random_parts(n: int, rng: np.random.Generator, val: float, test: float) -> np.ndarray:
@@ -129,6 +130,8 @@ def temporal(inter: Interactions, seed: int = 42, val: float = 0.1, test: float 
     """One global time cut (back-testing): the oldest ratings train, the newest ``test`` fraction
     tests and the ``val`` fraction before it validates. No test rating is older than a training one."""
     val, test = _check_fraction("val", val), _check_fraction("test", test, allow_zero=False)
+    if val + test >= 1:
+        raise ConfigError(f"split.val + split.test must be below 1, got {val + test}")
     ts = _require_timestamps(inter, "temporal")
     order = np.argsort(ts, kind="stable")
     n = len(ts)

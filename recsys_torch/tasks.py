@@ -21,18 +21,44 @@ def pair_scores(model: FactorizationModel, u: Side, i: Side) -> torch.Tensor:
     return score
 
 
-class RatingTask:
-    """Explicit ratings: minimize MSE plus the model's L2 penalty; report RMSE and MAE."""
+class Task:
+    """What a task is to the trainer, evaluation and serving; :class:`RatingTask` and
+    :class:`RankingTask` fill it in."""
 
-    name = "rating"
-    monitor = "rmse"
-    mode = "min"
+    name = "task"
+    monitor = "rmse"  # the validation metric that early stopping and sweeps watch by default
+    mode = "min"  # whether lower (min) or higher (max) values of the monitor are better
+    implicit = False  # the training rows are positives to rank, not ratings to predict
+    threshold = None  # ratings at or above it are positives (ranking tasks)
+    loss_name = "mse"
 
     def prepare_data(self, inter: Interactions) -> Interactions:
         return inter
 
     def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
         pass
+
+    def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
+        """The tensors an epoch shuffles and slices into batches for :meth:`loss` (the first holds
+        the user of each row)."""
+        return data.users, data.items, data.ratings
+
+    def metric_names(self) -> list[str]:
+        """The metrics :meth:`evaluate` reports (segments such as ``cold/...`` aside)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """The task as a config node (``_target_`` and settings): what rebuilds it for serving."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+
+class RatingTask(Task):
+    """Explicit ratings: minimize MSE plus the model's L2 penalty; report RMSE and MAE."""
+
+    name = "rating"
+
+    def metric_names(self) -> list[str]:
+        return ["rmse", "mae"]
 
     def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
         scores, penalty = model.score_with_penalty(users, items)
@@ -42,12 +68,13 @@ class RatingTask:
         return metrics.rating_metrics(model, data, train, batch_size)
 
 
-class RankingTask:
+class RankingTask(Task):
     """Implicit feedback: positives are ratings at or above ``threshold`` (every interaction when
     ``threshold`` is None); each positive is contrasted with ``n_negatives`` sampled items."""
 
     name = "ranking"
     mode = "max"
+    implicit = True
     MAX_REDRAWS = 50  # a user with 3/4 of the sampling mass as positives keeps 1 draw in 2e6
     GPU_REDRAWS = 8
     EVAL_CELLS = 1 << 24  # user x item scores held at once when evaluating (bounded memory)
@@ -74,6 +101,14 @@ class RankingTask:
             raise ConfigError(f"task.ks must be a list of positive integers, got {list(ks)}")
         self.monitor = monitor or f"ndcg@{self.ks[0]}"
         self.eval_batch_size = int(eval_batch_size)
+
+    def metric_names(self) -> list[str]:
+        return [f"{m}@{k}" for k in self.ks for m in metrics.RANKING_METRICS]
+
+    def config(self) -> dict:
+        return {**super().config(), "threshold": self.threshold, "loss": self.loss_name,
+                "n_negatives": self.n_negatives, "sampler": self.sampler, "reject_positives": self.reject_positives,
+                "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size}
 
     def prepare_data(self, inter: Interactions) -> Interactions:
         """Keep the positives and set every rating to 1."""
@@ -160,9 +195,19 @@ class RankingTask:
         p_penalty = every.penalty if isinstance(every.penalty, float) else every.penalty.index_select(0, items)
         return loss + torch.as_tensor(u.penalty).mean() + torch.as_tensor(p_penalty).mean()
 
+    def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """A new user's training loss against every candidate item (``scores`` ``[n]``; ``positives``
+        the indices of the user's positives), summed over the positives."""
+        n = len(positives)
+        if self.loss_name == "bpr":  # each positive against every other item
+            negative = torch.ones_like(scores, dtype=torch.bool)
+            negative[positives] = False
+            return losses.bpr(scores[positives], scores[negative].expand(n, -1)) * n
+        return losses.user_softmax(scores.unsqueeze(0), torch.zeros_like(positives), positives) * n
+
     def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int | None = None) -> dict:
         candidates = train.known_items().cpu()
-        if getattr(model, "scores_unknown_items", False):
+        if model.scores_unknown_items:
             candidates = torch.ones_like(candidates)
         # the trainer passes its pair-scoring batch size; a ranking chunk is users x every item
         users_per_chunk = min(batch_size or self.eval_batch_size, max(1, self.EVAL_CELLS // max(train.n_items, 1)))

@@ -1,11 +1,12 @@
-"""One generic trainer for every model: minibatch gradient descent over shuffled index slices."""
+"""One generic trainer for every model: minibatch gradient descent over shuffled slices of the
+training rows, early stopping on validation, an optional refit on train + validation, and a saved
+state after every epoch that a killed run resumes from."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,99 +14,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from recsys_torch.checkpointing import (
-    SignalGuard, TrainingInterrupted, load_state, rng_state, save_state, set_rng_state, signal_name,
-)
+from recsys_torch.checks import choice, number
+from recsys_torch.batches import SHUFFLES, EpochOrder, n_steps, step_slice
+from recsys_torch.checkpoint import TrainState, restore_training, rng_state, save_state, save_training, set_rng_state
 from recsys_torch.data.interactions import Interactions
-from recsys_torch.errors import CheckpointError, ConfigError, TrainingError
+from recsys_torch.errors import TrainingError, TrainingInterrupted
 from recsys_torch.loggers import NullLogger
-from recsys_torch.models.base import FactorizationModel
-from recsys_torch.optim import RowAdagrad, RowAdam, RowSGD
+from recsys_torch.optim import build_schedulers
+from recsys_torch.signals import SignalGuard, signal_name
+from recsys_torch.steps import build_step, resolve_device
 from recsys_torch.tasks import RatingTask
 
 log = logging.getLogger(__name__)
-
-ONLINE_CHUNK = 16384  # ratings per loop step (progress, loss logging, signal checks) in online SGD
-OPTIMIZERS = ("sgd", "adam", "sparse_adam", "adagrad")
-SCHEDULES = ("none", "cosine", "exponential", "step")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` takes CUDA when available, else the CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={device} but CUDA is not available here; use auto or cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device: unknown device {device!r} (use auto, cpu or cuda)") from None
-
-
-class _Optimizers:
-    """Steps a group of optimizers (sparse embedding tables and dense layers) as one."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        for opt, state in zip(self.optimizers, states):
-            opt.load_state_dict(state)
-
-
-def _sparse_params(model: torch.nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-            and getattr(m, "sparse", False)}
-
-
-def build_optimizer(model: torch.nn.Module, name: str, lr: float) -> _Optimizers:
-    """Sparse embedding tables get a row-wise optimizer (a step touches only the rows in the batch,
-    see :mod:`recsys_torch.optim`); dense layers get torch's own. ``sgd``, ``adam`` and ``adagrad``
-    name the update rule; ``sparse_adam`` uses torch's ``SparseAdam`` for the tables (the reference
-    implementation of the same rule as ``adam``, slower)."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"trainer.optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    sparse_ids = _sparse_params(model)
-    sparse = [p for p in params if id(p) in sparse_ids]
-    dense = [p for p in params if id(p) not in sparse_ids]
-    row_rule = {"sgd": RowSGD, "adam": RowAdam, "adagrad": RowAdagrad, "sparse_adam": torch.optim.SparseAdam}[name]
-    dense_rule = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}.get(name, torch.optim.Adam)
-    opts = []
-    if sparse:
-        opts.append(row_rule(sparse, lr=lr))
-    if dense:
-        opts.append(dense_rule(dense, lr=lr))
-    return _Optimizers(opts)
-
-
-def build_schedulers(optimizers: _Optimizers, schedule: str, epochs: int, gamma: float, step_size: int):
-    if schedule in (None, "none"):
-        return []
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"trainer.lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
-    out = []
-    for opt in optimizers.optimizers:
-        if schedule == "cosine":
-            out.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)))
-        elif schedule == "exponential":
-            out.append(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma))
-        else:
-            out.append(torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma))
-    return out
 
 
 @dataclass
@@ -116,110 +36,51 @@ class FitResult:
     fit_seconds: float = 0.0
     train_ratings_per_second: float = 0.0
     stopped_early: bool = False
-
-
-@dataclass
-class _Progress:
-    """What the epoch loop carries from one epoch to the next (and ``last.pt`` across processes)."""
-
-    result: FitResult
-    epoch: int = 0  # epochs completed
-    best_state: dict | None = None
-    bad_epochs: int = 0
-    train_seconds: float = 0.0
-    prior_seconds: float = 0.0  # fit time spent by the processes before a resume
-    partial: dict | None = None  # where a signal stopped the next epoch (continued from there)
-
-
-def _number(name: str, value, kind):
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"trainer.{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    val_metrics: dict = field(default_factory=dict)  # the chosen model's, before any refit
+    refit: bool = False  # the model was then retrained on train + val for best_epoch epochs
 
 
 class Trainer:
-    """Fits any :class:`FactorizationModel` for a task (``RatingTask`` by default).
+    """Fits any :class:`~recsys_torch.models.FactorizationModel` for a task (rating by default):
+    ``Trainer(epochs=20, lr=0.01).fit(model, train, val)`` works without any config object.
 
-    Works without any config object: ``Trainer(epochs=20, lr=0.01).fit(model, train, val)``.
     Early stopping watches the task's validation metric (never test) with ``patience`` epochs and
-    restores the best weights. Callbacks ``on_epoch_end(trainer, model, epoch, record)`` run after
-    each epoch's validation.
+    restores the best weights. With ``refit`` the model then restarts from its initial weights and
+    trains on train + val for the number of epochs validation chose. ``callbacks`` are called as
+    ``callback(trainer, model, epoch, record)`` after each epoch's validation.
 
-    With ``checkpoint_path`` the full training state is written there atomically after every epoch,
-    and on SIGINT/SIGTERM between two steps (then :class:`TrainingInterrupted` is raised); when
-    training ends it is replaced by the final weights and the fit result. ``resume=True`` continues
-    from that file when it exists: on the same device and thread count, the result is bit-for-bit
-    that of an uninterrupted fit. ``checkpoint_meta`` (e.g. the run's config) is stored in the file,
-    and a file with other meta is refused.
+    With ``checkpoint_path`` the training state is written there atomically after every epoch and on
+    SIGINT/SIGTERM between two steps (then :class:`TrainingInterrupted` is raised); ``resume=True``
+    continues from it, bit for bit on the same device and thread count. ``checkpoint_meta`` (the
+    run's settings) is stored with it, and a state saved under other settings is refused.
     """
 
-    def __init__(
-        self,
-        epochs: int = 20,
-        batch_size: int = 1024,
-        lr: float = 0.01,
-        optimizer: str = "adam",
-        lr_schedule: str = "none",
-        lr_gamma: float = 0.9,
-        lr_step_size: int = 10,
-        patience: int | None = 3,
-        min_delta: float = 0.0,
-        device: str = "auto",
-        seed: int = 0,
-        num_threads: int | None = None,
-        progress: bool = True,
-        eval_batch_size: int = 65536,
-        logger=None,
-        callbacks: list[Callable] | None = None,
-        checkpoint_path: str | None = None,
-        resume: bool = False,
-        checkpoint_meta: dict | None = None,
-        fused: bool | str = "auto",
-        distributed: bool = False,
-        precision: str = "32",
-        data_on_device: bool = True,
-        shuffle: str = "full",
-    ) -> None:
-        self.epochs = _number("epochs", epochs, int)
-        self.batch_size = _number("batch_size", batch_size, int)
-        self.lr = _number("lr", lr, float)
-        if self.epochs < 0:
-            raise ConfigError(f"trainer.epochs must be >= 0, got {epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"trainer.batch_size must be >= 1, got {batch_size}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"trainer.lr must be > 0, got {lr}")
-        self.optimizer_name = optimizer
-        self.lr_schedule = lr_schedule
-        self.lr_gamma = _number("lr_gamma", lr_gamma, float)
-        self.lr_step_size = _number("lr_step_size", lr_step_size, int)
-        self.patience = None if patience is None or _number("patience", patience, int) <= 0 else int(patience)
-        self.min_delta = _number("min_delta", min_delta, float)
-        self.device = resolve_device(device)
-        self.seed = _number("seed", seed, int)
-        self.num_threads = None if num_threads is None else _number("num_threads", num_threads, int)
-        self.progress = bool(progress)
-        self.eval_batch_size = _number("eval_batch_size", eval_batch_size, int)
-        self.logger = logger or NullLogger()
-        self.callbacks = list(callbacks or [])
-        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
-        self.resume = bool(resume)
-        self.checkpoint_meta = checkpoint_meta
-        if fused not in (True, False, "auto"):
-            raise ConfigError(f"trainer.fused must be true, false or auto, got {fused!r}")
-        self.fused = fused
-        self.distributed = bool(distributed)
+    def __init__(self, epochs: int = 20, batch_size: int = 1024, lr: float = 0.01, optimizer: str = "adam",
+                 lr_schedule: str = "none", lr_gamma: float = 0.9, lr_step_size: int = 10, patience: int | None = 3,
+                 min_delta: float = 0.0, device: str = "auto", seed: int = 0, num_threads: int | None = None,
+                 progress: bool = True, eval_batch_size: int = 65536, logger=None,
+                 callbacks: list[Callable] | None = None, checkpoint_path: str | None = None, resume: bool = False,
+                 checkpoint_meta: dict | None = None, fused: bool | str = "auto", distributed: bool = False,
+                 precision: str = "32", data_on_device: bool = True, shuffle: str = "full", refit: bool = False) -> None:
+        self.epochs, self.batch_size = number("trainer.epochs", epochs, low=0), number("trainer.batch_size", batch_size, low=1)
+        self.lr = number("trainer.lr", lr, float, above=0)
+        self.optimizer, self.lr_schedule = optimizer, lr_schedule
+        self.lr_gamma = number("trainer.lr_gamma", lr_gamma, float, above=0)
+        self.lr_step_size = number("trainer.lr_step_size", lr_step_size, low=1)
+        patience = number("trainer.patience", patience, allow_none=True)
+        self.patience = None if patience is None or patience <= 0 else patience
+        self.min_delta = number("trainer.min_delta", min_delta, float)
+        self.device, self.seed = resolve_device(device), number("seed", seed, low=0, high=2**63 - 1)
+        self.num_threads = number("trainer.num_threads", num_threads, low=1, allow_none=True)
+        self.eval_batch_size = number("trainer.eval_batch_size", eval_batch_size, low=1)
+        self.progress, self.resume, self.refit = bool(progress), bool(resume), bool(refit)
+        self.logger, self.callbacks = logger or NullLogger(), list(callbacks or [])
+        self.checkpoint_path, self.checkpoint_meta = checkpoint_path and str(checkpoint_path), checkpoint_meta
+        self.fused = choice("trainer.fused", fused, (True, False, "auto"))
+        self.precision = choice("trainer.precision", precision, ("32", "bf16"))
+        self.shuffle = choice("trainer.shuffle", shuffle, SHUFFLES)
+        self.distributed, self.data_on_device = bool(distributed), bool(data_on_device)
         self.rank, self.world_size = 0, 1
-        if precision not in ("32", "bf16"):
-            raise ConfigError(f"trainer.precision must be '32' or 'bf16', got {precision!r}")
-        self.precision = precision
-        self.data_on_device = bool(data_on_device)
-        if shuffle not in ("full", "users"):
-            raise ConfigError(f"trainer.shuffle must be 'full' or 'users', got {shuffle!r}")
-        self.shuffle = shuffle
-        self.step_size = self.batch_size  # ratings per loop step; a chunk of ratings in online mode
-        self.global_step = 0
         self.generator: torch.Generator | None = None  # shuffling and negative sampling; set by fit
 
     @property
@@ -227,326 +88,186 @@ class Trainer:
         """Whether this process writes ``last.pt``: rank 0 alone, while every rank reads it to resume."""
         return self.checkpoint_path is not None and self.rank == 0
 
-    def _improved(self, value: float, best: float, mode: str) -> bool:
-        if math.isnan(best):
-            return not math.isnan(value)
-        return value < best - self.min_delta if mode == "min" else value > best + self.min_delta
-
-    def fit(self, model: FactorizationModel, train: Interactions, val: Interactions | None = None,
-            task=None) -> FitResult:
+    def fit(self, model, train: Interactions, val: Interactions | None = None, task=None) -> FitResult:
         task = task or RatingTask()
         if self.num_threads:
-            torch.set_num_threads(int(self.num_threads))
-        torch.manual_seed(self.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        model.to(self.device)
+            torch.set_num_threads(self.num_threads)
         if self.distributed:
             from recsys_torch import distributed
 
             self.rank, self.world_size = distributed.setup(self.device)
+        val = val if val is not None and len(val) else None
+        initial = copy.deepcopy(model.state_dict()) if self.refit and val is not None else None
+        result = self._fit(model, train, val, task, self.checkpoint_path, self.epochs, self.patience)
+        if initial is None or not model.trainable or not result.history:
+            return result
+        epochs = result.best_epoch or len(result.history)
+        model.load_state_dict(initial)  # the same start as the first fit, then its seeds again
+        path = self.checkpoint_path and self.checkpoint_path.removesuffix(".pt") + "-refit.pt"
+        again = self._fit(model, train.concat(val), None, task, path, epochs, None, tag="refit/")
+        log.info("refit on train + val (%d rows) for %d epochs", len(train) + len(val), epochs)
+        return FitResult(again.history, result.best_epoch, result.best_metric, result.fit_seconds + again.fit_seconds,
+                         again.train_ratings_per_second, result.stopped_early, result.val_metrics, refit=True)
+
+    def _fit(self, model, train, val, task, path, epochs, patience, tag="") -> FitResult:
+        torch.manual_seed(self.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        model.to(self.device)
         model.prepare(train)
-        if self.device.type == "cuda" and not self.data_on_device:
-            # ratings stay in pinned host memory; each batch is copied asynchronously
-            data = train.to("cpu")
-            data = data.__class__(**{**data.__dict__, "users": data.users.pin_memory(),
-                                     "items": data.items.pin_memory(), "ratings": data.ratings.pin_memory()})
-        else:
-            data = train.to(self.device)  # moved once
-        task.setup(data.to(self.device) if data.users.device != self.device else data, self.device, self.generator)
-        val = val if val is not None and len(val) > 0 else None
+        data = train.to(self.device)  # moved once
+        task.setup(data, self.device, self.generator)
+        if self.device.type == "cuda" and not self.data_on_device:  # rows stay in pinned host memory
+            data = train.pin_memory()
+        rows = task.training_rows(data)
         t0 = time.perf_counter()
-        if not model.trainable or self.epochs == 0:
-            return self._evaluate_only(model, train, val, task, t0)
-
-        # building the optimizer may import torch._dynamo (seconds, once per process) or load the
-        # compiled kernel: one-off costs that are not fitting, so the clock restarts after it
-        optimizer = self._build_optimizer(model, task)
-        t0 = time.perf_counter()
-        schedulers = build_schedulers(optimizer, self.lr_schedule, self.epochs, self.lr_gamma, self.lr_step_size)
-        run = _Progress(FitResult())
-        saved = self._saved_state()
-        if saved is not None and saved.get("finished"):
-            return self._restore_finished(saved, model)
-        if saved is not None:
-            self._restore(saved, run, model, optimizer, schedulers)
-        # other ranks keep the default handlers: torchrun stops them when rank 0 exits
+        if not model.trainable or epochs == 0:
+            record = self._validate(model, train, val, task, {})
+            return FitResult([record] if record else [], best_metric=record.get(f"val/{task.monitor}", math.nan),
+                             fit_seconds=time.perf_counter() - t0, val_metrics=_val_part(record))
+        # building the step may load the compiled kernel: a one-off cost, so the clock restarts after it
+        step = build_step(model, task, self.optimizer, self.lr, self.batch_size, self.device, self.fused,
+                          self.world_size, self.precision, self.num_threads)
+        schedulers = build_schedulers(step.optimizers, self.lr_schedule, epochs, self.lr_gamma, self.lr_step_size)
+        run = _Run(self, model, task, step, schedulers, path, tag)
+        state, t0 = run.restore(), time.perf_counter()
+        if state.epoch < 0:  # that fit had finished
+            return FitResult(**run.saved["result"])
+        prior, order = state.fit_seconds, EpochOrder(self.shuffle, rows[0], train.n_users)
         with SignalGuard(enabled=self._writes) as guard:
-            while run.epoch < self.epochs and not run.result.stopped_early:
-                self._epoch(run, model, task, optimizer, schedulers, data, train, val, guard)
-        if run.best_state is not None:
-            model.load_state_dict(run.best_state)
-        result = run.result
-        result.fit_seconds = run.prior_seconds + time.perf_counter() - t0
-        result.train_ratings_per_second = len(data) * len(result.history) / max(run.train_seconds, 1e-9)
-        if self._writes:
-            save_state(self.checkpoint_path, {"meta": self.checkpoint_meta, "finished": True,
-                                              "model": _cpu_state(model), "result": asdict(result)})
+            while state.epoch < epochs and not state.stopped_early:
+                run.epoch(state, rows, order, epochs, patience, train, val, guard, prior, t0)
+        if state.best_state is not None:
+            model.load_state_dict(state.best_state)
+        result = FitResult(state.history, state.best_epoch, state.best_metric, prior + time.perf_counter() - t0,
+                           len(train) * len(state.history) / max(state.train_seconds, 1e-9), state.stopped_early,
+                           _val_part(state.history[state.best_epoch - 1] if state.best_epoch else {}))
+        if self._writes and path:
+            save_state(path, {"meta": self.checkpoint_meta, "finished": True, "model": _cpu_state(model),
+                              "result": asdict(result)})
         return result
 
-    def _build_optimizer(self, model, task) -> _Optimizers:
-        """torch's autograd path, or the compiled kernel of :mod:`recsys_torch.fused` when it computes
-        the same step (``fused=auto``) or when asked to (``fused=true``)."""
-        self.step_size = self.batch_size
-        if self.fused is False or self.distributed:
-            return build_optimizer(model, self.optimizer_name, self.lr)
-        from recsys_torch import fused
-
-        ok = fused.supports(model, task, self.optimizer_name, self.device) and fused.load_extension() is not None
-        if not ok:
-            if self.fused is True:
-                raise ConfigError("trainer.fused=true needs model=mf, task=rating, optimizer sgd or adam, a CPU "
-                                  "device and a C++ compiler; use trainer.fused=auto to fall back")
-            return build_optimizer(model, self.optimizer_name, self.lr)
-        optimizer = fused.FusedMF(model, self.optimizer_name, self.lr,
-                                   online=self.batch_size == 1 and self.optimizer_name == "sgd")
-        if optimizer.online:
-            self.step_size = ONLINE_CHUNK
-        return _Optimizers([optimizer])
-
-    def _step(self, optimizer: _Optimizers, model, task, users, items, ratings) -> torch.Tensor:
-        """One loop step: a minibatch (or, in online mode, a chunk of single-rating steps)."""
-        first = optimizer.optimizers[0]
-        if getattr(first, "fused", False):
-            loss = first.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
-            first.step()  # a no-op that lets learning-rate schedulers see a step
-            return loss
-        if users.device != self.device:  # pinned host data (data_on_device=false)
-            users, items, ratings = (t.to(self.device, non_blocking=True) for t in (users, items, ratings))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss = task.loss(model, users, items, ratings)
-        optimizer.zero_grad()
-        loss.float().backward()
-        if self.world_size > 1:
-            from recsys_torch.distributed import sync_gradients
-
-            sync_gradients(model, self.world_size)
-        optimizer.step()
-        return loss.detach().float()
-
-    def _evaluate_only(self, model, train, val, task, t0) -> FitResult:
-        result = FitResult(fit_seconds=time.perf_counter() - t0)
+    def _validate(self, model, train, val, task, record: dict) -> dict:
         if val is not None:
-            record = {f"val/{k}": v for k, v in task.evaluate(model, val, train, batch_size=self.eval_batch_size).items()}
-            result.history.append(record)
-            result.best_metric = record.get(f"val/{task.monitor}", math.nan)
-        return result
-
-    # ---- one epoch -----------------------------------------------------------------------------------
-    def _epoch(self, run: _Progress, model, task, optimizer, schedulers, data, train, val, guard) -> None:
-        epoch = run.epoch + 1
-        model.train()
-        e0 = time.perf_counter()
-        partial, run.partial = run.partial, None
-        if partial is not None:  # replay this epoch's shuffle, then continue the generator mid-epoch
-            self.generator.set_state(partial["epoch_generator"])
-        epoch_generator = self.generator.get_state()
-        n = len(data)
-        perm = self._permutation(data)
-        users, items, ratings = (t.index_select(0, perm) for t in (data.users, data.items, data.ratings))
-        first = 0
-        step_losses: list[torch.Tensor] = []
-        if partial is not None:
-            set_rng_state(partial["rng"], self.generator, self.device)
-            first = int(partial["step"])
-            step_losses = list(partial["losses"].to(self.device).unbind())
-        span = self.step_size * self.world_size  # a global batch; this rank trains on its slice
-        n_steps = -(-n // span)
-        bar = tqdm(range(first, n_steps), desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   disable=not self.progress, unit="batch", initial=first, total=n_steps)
-        for b in bar:
-            if guard.signum is not None:  # a plain attribute read: no device sync
-                bar.close()
-                run.train_seconds += time.perf_counter() - e0
-                self._interrupt(run, model, optimizer, schedulers, guard.signum, (epoch, b, n_steps),
-                                epoch_generator, step_losses)
-            start, end = self._slice(b, n)
-            if start >= end:  # a short last global batch leaves some rank nothing: every rank stops
-                break
-            loss = self._step(optimizer, model, task, users[start:end], items[start:end], ratings[start:end])
-            step_losses.append(loss)
-            if self.progress and b % 50 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")  # one sync every 50 steps
-        bar.close()
-        losses = torch.stack(step_losses).double().cpu()  # one sync per epoch
-        run.train_seconds += time.perf_counter() - e0
-        self._check_finite(losses, epoch, run)
-        record = self._log_epoch(losses, n, epoch, optimizer)
-        for sch in schedulers:
-            sch.step()
-        if val is not None:
-            scores = task.evaluate(model, val, train, batch_size=self.eval_batch_size)
-            for key, value in scores.items():
+            for key, value in task.evaluate(model, val, train, batch_size=self.eval_batch_size).items():
                 record[f"val/{key}"] = value
-                self.logger.scalar(f"val/{key}", value, epoch)
-        run.result.history.append(record)
-        for callback in self.callbacks:
-            callback(self, model, epoch, record)
-        if val is not None:
-            self._track_best(run, model, record[f"val/{task.monitor}"], epoch, task)
-        run.epoch = epoch
-        if self._writes:
-            self._save(run, model, optimizer, schedulers)
-        if guard.signum is not None:
-            raise TrainingInterrupted(self._interrupted_message(guard.signum, (epoch, None, None)), guard.signum)
+        return record
 
-    def _check_finite(self, losses: torch.Tensor, epoch: int, run: _Progress) -> None:
-        bad = ~torch.isfinite(losses)
-        if bool(bad.any()):
-            step = int(bad.nonzero()[0, 0]) + 1
-            kept = ""
-            if self.checkpoint_path and run.epoch > 0:
-                kept = f" (the last good state, after epoch {run.epoch}, stays in {self.checkpoint_path})"
-            raise TrainingError(
-                f"the training loss became {float(losses[step - 1])} at epoch {epoch}, step {step}: "
-                f"lower trainer.lr or raise the regularization{kept}"
-            )
 
-    def _permutation(self, data: Interactions) -> torch.Tensor:
-        """This epoch's order of the training rows. ``full``: a uniform shuffle. ``users``: the users
-        in random order, each user's rows together (in data order), so per-rating SGD keeps the
-        user's row in cache, as cornac and LibMF-style trainers do: about twice the throughput on
-        large tables, at a small cost in how well each epoch mixes."""
-        n = len(data)
-        if self.shuffle == "full":
-            return torch.randperm(n, generator=self.generator, device=self.device)
-        cached = getattr(self, "_user_blocks", None)
-        if cached is None or cached[0] is not data.users:  # sort once per fit, not per epoch
-            by_user = torch.argsort(data.users, stable=True)
-            counts = torch.bincount(data.users, minlength=data.n_users)
-            cached = self._user_blocks = (data.users, by_user, counts, torch.cumsum(counts, 0) - counts,
-                                          torch.nonzero(counts).squeeze(1))
-        _, by_user, counts, starts, present = cached
-        order = present[torch.randperm(len(present), generator=self.generator, device=self.device)]
-        lengths = counts[order]
-        offsets = torch.cumsum(lengths, 0) - lengths  # where each user's block lands
-        shift = torch.repeat_interleave(starts[order] - offsets, lengths, output_size=n)
-        return by_user[torch.arange(n, device=self.device) + shift]
-
-    def _slice(self, b: int, n: int) -> tuple[int, int]:
-        """This rank's rows of loop step ``b``; empty on every rank when the last global batch is too
-        short to give each rank some rows."""
-        span = self.step_size * self.world_size
-        if b * span + (self.world_size - 1) * self.step_size >= n:
-            return 0, 0
-        start = b * span + self.rank * self.step_size
-        return start, min(start + self.step_size, n)
-
-    def _log_epoch(self, losses: torch.Tensor, n: int, epoch: int, optimizer) -> dict:
-        sizes = torch.tensor([float(end - start) for start, end in map(lambda b: self._slice(b, n), range(len(losses)))],
-                             dtype=torch.float64)
-        epoch_loss = float((losses * sizes).sum() / sizes.sum())  # per-example mean
-        for i, value in enumerate(losses.tolist()):
-            self.logger.scalar("train/loss_step", value, self.global_step + i + 1)
-        self.global_step += len(losses)
-        lr_now = optimizer.optimizers[0].param_groups[0]["lr"]
-        self.logger.scalar("train/loss", epoch_loss, epoch)
-        self.logger.scalar("lr", lr_now, epoch)
-        return {"epoch": epoch, "train/loss": epoch_loss, "lr": lr_now}
-
-    def _track_best(self, run: _Progress, model, value: float, epoch: int, task) -> None:
-        result = run.result
-        if self._improved(value, result.best_metric, task.mode):
-            result.best_metric, result.best_epoch = value, epoch
-            run.best_state = copy.deepcopy(model.state_dict())
-            run.bad_epochs = 0
-            return
-        run.bad_epochs += 1
-        if self.patience is not None and run.bad_epochs >= self.patience:
-            log.info("early stop at epoch %d: best val/%s %.4f at epoch %d",
-                     epoch, task.monitor, result.best_metric, result.best_epoch)
-            result.stopped_early = True
-
-    # ---- saving and resuming -------------------------------------------------------------------------
-    def _state(self, run: _Progress, model, optimizer, schedulers) -> dict:
-        result = run.result
-        return {
-            "meta": self.checkpoint_meta,
-            "finished": False,
-            "device": self.device.type,
-            "epoch": run.epoch,
-            "global_step": self.global_step,
-            "model": _cpu_state(model),
-            "optimizers": optimizer.state_dict(),
-            "schedulers": [sch.state_dict() for sch in schedulers],
-            "rng": rng_state(self.generator, self.device),
-            "best_state": run.best_state,
-            "best_metric": result.best_metric,
-            "best_epoch": result.best_epoch,
-            "bad_epochs": run.bad_epochs,
-            "stopped_early": result.stopped_early,
-            "history": result.history,
-            "train_seconds": run.train_seconds,
-            "fit_seconds": run.prior_seconds + run.train_seconds,
-            "partial": run.partial,
-        }
-
-    def _save(self, run: _Progress, model, optimizer, schedulers) -> None:
-        save_state(self.checkpoint_path, self._state(run, model, optimizer, schedulers))
-
-    def _interrupt(self, run, model, optimizer, schedulers, signum, where, epoch_generator, step_losses):
-        """Save the state between two steps (``where``: epoch, steps done, steps per epoch) and stop."""
-        epoch, step, _ = where
-        run.partial = {
-            "epoch": epoch,
-            "step": step,
-            "epoch_generator": epoch_generator,
-            "rng": rng_state(self.generator, self.device),
-            "losses": torch.stack(step_losses).cpu() if step_losses else torch.zeros(0),
-        }
-        self._save(run, model, optimizer, schedulers)
-        raise TrainingInterrupted(self._interrupted_message(signum, where), signum)
-
-    def _interrupted_message(self, signum: int, where: tuple) -> str:
-        epoch, step, n_steps = where
-        at = f"epoch {epoch} after step {step} of {n_steps}" if step is not None else f"the end of epoch {epoch}"
-        return (f"training stopped by {signal_name(signum)} at {at}; its state is saved in "
-                f"{self.checkpoint_path}: run again with trainer.resume=true (same run folder) to continue")
-
-    def _saved_state(self) -> dict | None:
-        if not (self.resume and self.checkpoint_path):
-            return None
-        if not os.path.exists(self.checkpoint_path):
-            log.warning("trainer.resume: no saved state in %s; starting from the beginning", self.checkpoint_path)
-            return None
-        return load_state(self.checkpoint_path, self.checkpoint_meta)
-
-    def _restore_finished(self, saved: dict, model) -> FitResult:
-        _load_into(self.checkpoint_path, model.load_state_dict, saved["model"])
-        log.info("resumed %s: training had finished; nothing to do", self.checkpoint_path)
-        return FitResult(**saved["result"])
-
-    def _restore(self, saved: dict, run: _Progress, model, optimizer, schedulers) -> None:
-        path = self.checkpoint_path
-        if saved.get("device") != self.device.type:
-            raise CheckpointError(f"{path} was saved on {saved.get('device')}, this run is on {self.device.type}: "
-                                  "resume on the same kind of device")
-        if len(saved["optimizers"]) != len(optimizer.optimizers) or len(saved["schedulers"]) != len(schedulers):
-            raise CheckpointError(f"{path} does not fit this model's optimizers or learning-rate schedule")
-        _load_into(path, model.load_state_dict, saved["model"])
-        _load_into(path, optimizer.load_state_dict, saved["optimizers"])
-        for sch, state in zip(schedulers, saved["schedulers"]):
-            _load_into(path, sch.load_state_dict, state)
-        set_rng_state(saved["rng"], self.generator, self.device)
-        self.global_step = int(saved["global_step"])
-        result = run.result
-        result.history = list(saved["history"])
-        result.best_metric, result.best_epoch = float(saved["best_metric"]), int(saved["best_epoch"])
-        result.stopped_early = bool(saved["stopped_early"])
-        run.epoch, run.bad_epochs = int(saved["epoch"]), int(saved["bad_epochs"])
-        run.best_state = saved["best_state"]
-        run.train_seconds, run.prior_seconds = float(saved["train_seconds"]), float(saved["fit_seconds"])
-        run.partial = saved["partial"]
-        at = f"epoch {run.partial['epoch']}, step {run.partial['step']}" if run.partial else f"the end of epoch {run.epoch}"
-        log.info("resuming from %s at %s", path, at)
+def _val_part(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("val/")}
 
 
 def _cpu_state(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _load_into(path: str, load, state) -> None:
-    try:
-        load(state)
-    except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} does not fit this model: {first[:200]}") from None
+class _Run:
+    """One fit's loop: epochs, early stopping, saving and restoring its state."""
+
+    def __init__(self, trainer: Trainer, model, task, step, schedulers, path, tag) -> None:
+        self.t, self.model, self.task, self.step, self.schedulers = trainer, model, task, step, schedulers
+        self.path, self.tag, self.saved = path, tag, None
+
+    def epoch(self, state: TrainState, rows, order, epochs, patience, train, val, guard, prior, t0) -> None:
+        t, epoch, e0 = self.t, state.epoch + 1, time.perf_counter()
+        self.model.train()
+        partial, state.partial = state.partial, None
+        if partial is not None:  # replay this epoch's shuffle, then continue the generator mid-epoch
+            t.generator.set_state(partial["epoch_generator"])
+        epoch_generator = t.generator.get_state()
+        perm = order(t.generator)
+        batch_rows = [r.index_select(0, perm.to(r.device)) for r in rows]
+        n, size = len(perm), self.step.rows_per_step
+        first, losses = 0, []
+        if partial is not None:
+            set_rng_state(partial["rng"], t.generator, t.device)
+            first, losses = int(partial["step"]), list(partial["losses"].to(t.device).unbind())
+        total = n_steps(n, size, t.world_size)
+        bar = tqdm(range(first, total), desc=f"{self.tag}epoch {epoch}/{epochs}", leave=False,
+                   disable=not t.progress, unit="batch", initial=first, total=total)
+        for b in bar:
+            if guard.signum is not None:  # a plain attribute read: no device sync
+                bar.close()
+                state.train_seconds += time.perf_counter() - e0
+                state.partial = {"epoch": epoch, "step": b, "epoch_generator": epoch_generator,
+                                 "rng": rng_state(t.generator, t.device),
+                                 "losses": torch.stack(losses).cpu() if losses else torch.zeros(0)}
+                self.save(state, prior, t0)
+                raise TrainingInterrupted(self._stopped(guard.signum, f"epoch {epoch} after step {b} of {total}"),
+                                          guard.signum)
+            start, end = step_slice(b, n, size, t.rank, t.world_size)
+            if start >= end:  # a short last global batch leaves some rank nothing: every rank stops
+                break
+            losses.append(self.step(*(r[start:end] for r in batch_rows)))
+            if t.progress and b % 50 == 0:
+                bar.set_postfix(loss=f"{float(losses[-1]):.4f}")  # one sync every 50 steps
+        bar.close()
+        step_losses = torch.stack(losses).double().cpu()  # one sync per epoch
+        state.train_seconds += time.perf_counter() - e0
+        record = self.log_epoch(state, step_losses, n, size, epoch)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        t._validate(self.model, train, val, self.task, record)
+        for key, value in record.items():
+            if key.startswith("val/"):
+                t.logger.scalar(self.tag + key, value, epoch)
+        state.history.append(record)
+        for callback in t.callbacks:
+            callback(t, self.model, epoch, record)
+        if val is not None:
+            self.track_best(state, record[f"val/{self.task.monitor}"], epoch, patience)
+        state.epoch = epoch
+        self.save(state, prior, t0)
+        if guard.signum is not None:
+            raise TrainingInterrupted(self._stopped(guard.signum, f"the end of epoch {epoch}"), guard.signum)
+
+    def log_epoch(self, state: TrainState, losses: torch.Tensor, n: int, size: int, epoch: int) -> dict:
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            at = int(bad.nonzero()[0, 0])
+            kept = f" (the last good state, after epoch {state.epoch}, stays in {self.path})" if self.path and state.epoch else ""
+            raise TrainingError(f"the training loss became {float(losses[at])} at epoch {epoch}, step {at + 1}: "
+                                f"lower trainer.lr or raise the regularization{kept}")
+        t = self.t
+        sizes = torch.tensor([float(e - s) for s, e in (step_slice(b, n, size, t.rank, t.world_size)
+                                                        for b in range(len(losses)))], dtype=torch.float64)
+        epoch_loss = float((losses * sizes).sum() / sizes.sum())  # per-example mean
+        for i, value in enumerate(losses.tolist()):
+            t.logger.scalar(self.tag + "train/loss_step", value, state.global_step + i + 1)
+        state.global_step += len(losses)
+        lr = self.step.optimizers.lr
+        t.logger.scalar(self.tag + "train/loss", epoch_loss, epoch)
+        t.logger.scalar(self.tag + "lr", lr, epoch)
+        return {"epoch": epoch, "train/loss": epoch_loss, "lr": lr}
+
+    def track_best(self, state: TrainState, value: float, epoch: int, patience: int | None) -> None:
+        best, delta, task = state.best_metric, self.t.min_delta, self.task
+        better = (not math.isnan(value) if math.isnan(best) else
+                  value < best - delta if task.mode == "min" else value > best + delta)
+        if better:
+            state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+            state.best_state = copy.deepcopy(self.model.state_dict())
+            return
+        state.bad_epochs += 1
+        if patience is not None and state.bad_epochs >= patience:
+            log.info("early stop at epoch %d: best val/%s %.4f at epoch %d", epoch, task.monitor, best, state.best_epoch)
+            state.stopped_early = True
+
+    def save(self, state: TrainState, prior: float, t0: float) -> None:
+        if self.t._writes and self.path:
+            state.fit_seconds = prior + time.perf_counter() - t0
+            save_training(self.path, self.t.checkpoint_meta, state, self.model, self.step.optimizers, self.schedulers,
+                          self.t.generator, self.t.device)
+
+    def _stopped(self, signum: int, at: str) -> str:
+        return (f"training stopped by {signal_name(signum)} at {at}; its state is saved in {self.path}: run again "
+                "with trainer.resume=true (same run folder) to continue")
+
+    def restore(self) -> TrainState:
+        """A fresh state, or the one saved in ``path`` when resuming (epoch -1: that fit had finished)."""
+        t = self.t
+        if not (t.resume and self.path):
+            return TrainState()
+        state, self.saved = restore_training(self.path, t.checkpoint_meta, self.model, self.step.optimizers,
+                                             self.schedulers, t.generator, t.device)
+        return state

@@ -26,10 +26,11 @@ sys.path.insert(0, REPO)
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from recsys_torch import benchmarking as bench  # noqa: E402
-from recsys_torch.errors import ConfigError, RecsysError  # noqa: E402
+from recsys_torch import cli  # noqa: E402
+from recsys_torch.errors import ConfigError  # noqa: E402
+from recsys_torch.tools import benchmark as bench  # noqa: E402
 
-CONFIG_DIR = os.path.join(REPO, "configs")
+CONFIG_DIR = cli.CONFIG_DIR
 
 SUITES = {
     "throughput": dict(data="synthetic", n_users=50_000, n_items=20_000, n_ratings=5_000_000, protocol="holdout",
@@ -48,7 +49,7 @@ DEFAULTS = dict(data=None, n_users=50_000, n_items=20_000, n_ratings=1_000_000, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), help="a prepared comparison (flags below override its settings)")
     p.add_argument("--out", help="output folder for benchmark.json and benchmark.md")
     p.add_argument("--data", choices=["synthetic", "ml100k", "csv"])
@@ -136,25 +137,21 @@ def _size(n: int) -> str:
 
 
 def load_data(cfg: dict, args: argparse.Namespace):
-    """(Interactions, dataset label)."""
-    from recsys_torch.data import encode
-
-    if cfg["data"] == "synthetic":
-        inter = bench.synthetic_interactions(cfg["n_users"], cfg["n_items"], cfg["n_ratings"], seed=args.seed)
-        return inter, f"synthetic-{_size(cfg['n_ratings'])}"
-    if cfg["data"] == "ml100k":
-        from recsys_torch.data.movielens import ml100k
-
-        return encode(ml100k()).interactions, "ml100k"
-    from recsys_torch.data.tabular import csv
-
+    """(BenchData, Interactions, dataset label), built like every run (recsys_torch.train.build)."""
     columns = {}
     for pair in filter(None, (args.columns or "").split(",")):
         key, sep, column = pair.partition("=")
         if not sep:
             raise ConfigError(f"--columns: expected KEY=COLUMN, got {pair!r}")
         columns[key.strip()] = column.strip()
-    return encode(csv(args.ratings, columns=columns)).interactions, os.path.basename(args.ratings)
+    overrides = bench.experiment_overrides(
+        cfg["data"], cfg["protocol"], args.seed, test=args.test, folds=args.folds, val=args.val,
+        n_users=cfg["n_users"], n_items=cfg["n_items"], n_ratings=cfg["n_ratings"], ratings=args.ratings,
+        columns=columns)
+    data, inter = bench.prepare(overrides)
+    label = {"synthetic": f"synthetic-{_size(cfg['n_ratings'])}", "ml100k": "ml100k"}.get(
+        cfg["data"], os.path.basename(str(args.ratings)))
+    return data, inter, label
 
 
 def describe(cfg: dict, args: argparse.Namespace, inter, data: bench.BenchData, notes: list[str]) -> list[str]:
@@ -197,9 +194,7 @@ def main(argv=None) -> int:
         raise ConfigError("--out DIR is required")
     entries, notes = choose_entries(cfg, args.peers)
     print(f"preparing {cfg['data']} data ...", file=sys.stderr, flush=True)
-    inter, label = load_data(cfg, args)
-    data = bench.bench_data(inter, bench.split_parts(inter, cfg["protocol"], args.seed, test=args.test,
-                                                     folds=args.folds, val=args.val))
+    data, inter, label = load_data(cfg, args)
     with tempfile.TemporaryDirectory(prefix="recsys-bench-") as work:
         rows = bench.run(entries, cfg["threads"], data, label, work, seed=args.seed, device=args.device,
                          isolate=not args.in_process, log=sys.stderr)
@@ -212,8 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(main))

@@ -21,37 +21,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recsys_torch.errors import ConfigError, RecsysError  # noqa: E402
+from recsys_torch import cli  # noqa: E402
+from recsys_torch.errors import ConfigError  # noqa: E402
 
-KEYS = ("run_dir", "user", "item", "ratings", "features", "k", "format", "exclude_rated")
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+KEYS = {"run_dir": None, "user": None, "item": None, "ratings": None, "features": None, "k": "10", "format": "text",
+        "exclude_rated": "true"}
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"arguments are key=value, got {arg!r} (keys: {', '.join(KEYS)})")
-        if key not in KEYS:
-            raise ConfigError(f"unknown argument {key!r} (keys: {', '.join(KEYS)})")
-        args[key] = value
-    if "run_dir" not in args:
-        raise ConfigError("run_dir=DIR is required: the output folder of a scripts/train.py run")
-    modes = [m for m in ("user", "item") if m in args] + (["ratings/features"] if {"ratings", "features"} & set(args) else [])
+    args = cli.parse_key_values(argv, KEYS, required=("run_dir",))
+    modes = [m for m in ("user", "item") if args[m] is not None]
+    if args["ratings"] is not None or args["features"] is not None:
+        modes.append("ratings/features")
     if len(modes) != 1:
         raise ConfigError("give exactly one of user=ID, item=ID, or ratings=ITEM:R,... and/or features=COL:VALUE,...")
-    try:
-        args["k"] = int(args.get("k", 10))
-    except ValueError:
-        raise ConfigError(f"k must be an integer, got {args['k']!r}") from None
-    if args.setdefault("format", "text") not in ("text", "json"):
+    args["k"] = cli.parse_int("k", args["k"])
+    if args["format"] not in ("text", "json"):
         raise ConfigError(f"format must be text or json, got {args['format']!r}")
-    flag = args.get("exclude_rated", "true").lower()
-    if flag not in BOOLEANS:
-        raise ConfigError(f"exclude_rated must be true or false, got {args['exclude_rated']!r}")
-    args["exclude_rated"] = BOOLEANS[flag]
-    return args
+    args["exclude_rated"] = cli.parse_bool("exclude_rated", args["exclude_rated"])
+    return {key: value for key, value in args.items() if value is not None}
 
 
 def parse_ratings(text: str, top: float) -> list[tuple[str, float]]:
@@ -109,15 +97,11 @@ def render(heading: str, recs, fmt: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-        heading, recs = recommendations(args)
-    except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    heading, recs = recommendations(args)
     print(render(heading, recs, args["format"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(main))

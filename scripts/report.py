@@ -16,14 +16,14 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from recsys_torch import report  # noqa: E402
-from recsys_torch.errors import RecsysError  # noqa: E402
+from recsys_torch import cli  # noqa: E402
+from recsys_torch.tools import report  # noqa: E402
 
-CONFIG_DIR = os.path.join(REPO, "configs")
+CONFIG_DIR = cli.CONFIG_DIR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="a run folder (hydra.run.dir) or a sweep folder (hydra.sweep.dir)")
     parser.add_argument("--out", help="where report.md and the PNGs go (default: DIR)")
     parser.add_argument("--objective", help="metric to rank by (default: the runs' optimized_metric)")
@@ -46,21 +46,17 @@ def experiment_path(name: str, force: bool) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        saved = experiment_path(args.save_experiment, args.force) if args.save_experiment else None
-        sweep = report.load(args.dir, args.objective)
-        with open(os.path.join(CONFIG_DIR, "train.yaml")) as fh:
-            defaults = report.default_choices(yaml.safe_load(fh).get("defaults"))
-        best = sweep.best
-        run_command = report.command(best, defaults)
-        written = report.write_report(sweep, args.out or args.dir, run_command, args.top)
-        if saved:
-            os.makedirs(os.path.dirname(saved), exist_ok=True)
-            with open(saved, "w") as fh:
-                fh.write(report.experiment_yaml(sweep, best, defaults))
-    except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    saved = experiment_path(args.save_experiment, args.force) if args.save_experiment else None
+    sweep = report.load(args.dir, args.objective)
+    with open(os.path.join(CONFIG_DIR, "train.yaml")) as fh:
+        defaults = report.default_choices(yaml.safe_load(fh).get("defaults"))
+    best = sweep.best
+    run_command = report.command(best, defaults)
+    written = report.write_report(sweep, args.out or args.dir, run_command, args.top)
+    if saved:
+        os.makedirs(os.path.dirname(saved), exist_ok=True)
+        with open(saved, "w") as fh:
+            fh.write(report.experiment_yaml(sweep, best, defaults))
     print(report.table(sweep, limit=args.top))
     print(f"\nbudget: {report.budget_line(sweep)}")
     print("wrote " + ", ".join(written.values()))
@@ -72,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

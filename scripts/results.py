@@ -20,6 +20,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from recsys_torch import cli  # noqa: E402
+
 # name -> overrides; rows appear in this order
 ROWS = {
     "popularity": ["model=popularity"],
@@ -34,14 +36,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def run(overrides: list[str], folds: int) -> dict:
-    from hydra import compose, initialize_config_dir
-
     from recsys_torch.train import train
 
-    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "configs")):
-        cfg = compose("train", overrides=overrides + [
-            "split=kfold", f"split.folds={folds}", "logger=none", "trainer.progress=false",
-        ])
+    cfg = cli.compose(overrides + ["split=kfold", f"split.folds={folds}", "logger=none", "trainer.progress=false"])
     with tempfile.TemporaryDirectory() as out:
         return train(cfg, out)
 
@@ -59,19 +56,19 @@ def table(results: dict[str, tuple[list[str], dict]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(ROWS), help="comma-separated rows: " + ",".join(ROWS))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     results = {}
     for name in [n.strip() for n in args.only.split(",")]:
         if name not in ROWS:
-            sys.exit(f"error: unknown row {name!r}; choose from {', '.join(ROWS)}")
+            cli.fail(f"unknown row {name!r}; choose from {', '.join(ROWS)}")
         overrides = ROWS[name]
         group, option = overrides[0].split("=")
         config = os.path.join(ROOT, "configs", group, option + ".yaml")
@@ -96,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recsys_torch.train import main, precheck  # noqa: E402
+from recsys_torch.cli import precheck  # noqa: E402
+from recsys_torch.train import main  # noqa: E402
 
 if __name__ == "__main__":
     precheck(sys.argv[1:])

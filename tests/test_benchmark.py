@@ -1,4 +1,4 @@
-"""recsys_torch.benchmarking and scripts/benchmark.py on tiny data: rows, peers on the same split,
+"""recsys_torch.tools.benchmark and scripts/benchmark.py on tiny data: rows, peers on the same split,
 their predictions, the pairing of times, per-process peak RSS and the written outputs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from recsys_torch import benchmarking as bench
+from recsys_torch.tools import benchmark as bench
 from recsys_torch import splits
 from recsys_torch.errors import ConfigError
 
@@ -22,8 +22,9 @@ HAS_CORNAC = bench.peer_available("cornac")
 
 
 def _tiny(protocol="holdout", n_ratings=2000):
-    inter = bench.synthetic_interactions(200, 100, n_ratings, seed=3)
-    return inter, bench.bench_data(inter, bench.split_parts(inter, protocol, 42))
+    data, inter = bench.prepare(bench.experiment_overrides("synthetic", protocol, 42, n_users=200, n_items=100,
+                                                           n_ratings=n_ratings))
+    return inter, data
 
 
 def _with_unknowns():
@@ -44,7 +45,7 @@ def _script():
     return module
 
 
-def test_split_parts_are_the_library_splits():
+def test_benchmark_parts_are_the_library_splits():
     inter, data = _tiny("kfold")
     folds = splits.kfold(inter, seed=42, folds=5, val=0.02)
     assert data.assign.shape == (5, len(inter))
@@ -90,7 +91,7 @@ def test_fused_entry_runs_when_the_kernel_builds():
 @pytest.mark.parametrize("name", ["surprise-svd", "surprise-baseline"])
 def test_surprise_predictions_are_its_own(name):
     data = _with_unknowns()
-    fitted = bench._fit_surprise(bench.CATALOG[name].override(epochs=3).params, data, 0, 1, 0, "cpu")
+    fitted = bench.peers.fit_surprise(bench.CATALOG[name].override(epochs=3).params, data, 0, 1, 0, "cpu")
     u, i, _ = data.take(data.assign[0] == 2)
     own = [fitted.model.predict(int(a), int(b)).est for a, b in zip(u, i)]
     np.testing.assert_allclose(fitted.predict(u, i), own, rtol=1e-6)
@@ -99,7 +100,7 @@ def test_surprise_predictions_are_its_own(name):
 @pytest.mark.skipif(not HAS_CORNAC, reason="cornac not installed")
 def test_cornac_predictions_are_its_own():
     data = _with_unknowns()
-    fitted = bench._fit_cornac(bench.CATALOG["cornac-mf"].override(epochs=3).params, data, 0, 1, 0, "cpu")
+    fitted = bench.peers.fit_cornac(bench.CATALOG["cornac-mf"].override(epochs=3).params, data, 0, 1, 0, "cpu")
     model = fitted.model
     u, i, _ = data.take(data.assign[0] == 2)
     # cornac's own evaluation gives an id unseen in training an index past the trained ones

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from recsys_torch.errors import ConfigError
-from recsys_torch.train import check_keys
+from recsys_torch.cli import check_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +27,10 @@ def test_every_shipped_config_passes_the_key_check(compose):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.embeding_dim=8", "Could not override 'model.embeding_dim'"),
-    ("+model.embeding_dim=8", "model.embeding_dim is not a setting of MFModel"),
+    # the closest real key and the group's keys, not Hydra's advice to append with +
+    ("model.embeding_dim=8", "model.embeding_dim is not a setting of model (did you mean embedding_dim?); its "
+                             "settings are: embedding_dim, init_std, reg, reg_bias, reg_exponent"),
+    ("+model.embeding_dim=8", "model.embeding_dim is not a setting of MFModel (did you mean embedding_dim?)"),
     ("model=foo", "Could not find 'model/foo' (options: baseline, content, hybrid, mf, popularity)"),
 ])
 def test_cli_config_mistakes_are_one_line(tmp_path, override, message):

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from conftest import REPO, TINY, TINY_RUN, compose_cfg
 from recsys_torch.errors import ConfigError, DataError
-from recsys_torch.io import load_checkpoint, model_from_checkpoint
+from recsys_torch.checkpoint import load_checkpoint, model_from_checkpoint
 from recsys_torch.metrics import rating_metrics
 from recsys_torch.train import load_data, train
 

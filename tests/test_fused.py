@@ -8,7 +8,7 @@ import torch
 from recsys_torch.data import Interactions
 from recsys_torch.models import MFModel
 from recsys_torch.tasks import RatingTask
-from recsys_torch.trainer import build_optimizer
+from recsys_torch.optim import build_optimizer
 
 fused = pytest.importorskip("recsys_torch.fused")
 

@@ -49,7 +49,7 @@ def test_no_host_sync_in_the_batch_loop():
     model = MFModel(500, 300, 32).cuda()
     trainer = Trainer(epochs=1, batch_size=1024, progress=False, device="cuda", fused=False)
     trainer.fit(model, train)  # warm-up: optimizer state, scratch buffers
-    from recsys_torch.trainer import build_optimizer
+    from recsys_torch.optim import build_optimizer
 
     optimizer = build_optimizer(model, "adam", 0.01)
     data = train.to("cuda")

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from recsys_torch.data import fetch
 from recsys_torch.data import movielens as ml
 from recsys_torch.data.raw import RawDataset
 from recsys_torch.errors import ConfigError, DataError
@@ -107,13 +108,13 @@ def assert_one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
 def offline(tmp_path, monkeypatch):
     empty_server = tmp_path / "no-server"
     empty_server.mkdir()
-    monkeypatch.setattr(ml, "GROUPLENS_BASE_URL", empty_server.as_uri())  # file:// with no zips in it
+    monkeypatch.setattr(fetch, "GROUPLENS_BASE_URL", empty_server.as_uri())  # file:// with no zips in it
 
     def no_pip(dest):
         raise DataError("pip is disabled in tests")
 
-    monkeypatch.setattr(ml, "_pip_download_recbole", no_pip)
-    monkeypatch.delenv(ml.DATA_ENV, raising=False)
+    monkeypatch.setattr(fetch, "_pip_download_recbole", no_pip)
+    monkeypatch.delenv(fetch.DATA_ENV, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,24 +334,24 @@ def grouplens_zip(server: Path, monkeypatch, name: str = "ml-100k", members: dic
         members = {f"{name}/u.data": U_DATA, f"{name}/u.item": U_ITEM.encode("latin-1"),
                    f"{name}/u.user": U_USER, f"{name}/README": "readme", f"{name}/u1.base": "ignored"}
     path = zip_of(server / f"{name}.zip", members)
-    monkeypatch.setattr(ml, "GROUPLENS_BASE_URL", server.as_uri())
-    monkeypatch.setattr(ml, "GROUPLENS_MD5", {name: md5(path) if md5_ok else "0" * 32})
+    monkeypatch.setattr(fetch, "GROUPLENS_BASE_URL", server.as_uri())
+    monkeypatch.setattr(fetch, "GROUPLENS_MD5", {name: md5(path) if md5_ok else "0" * 32})
     return path
 
 
 def fake_wheel(tmp_path: Path, monkeypatch, *, wheel_ok: bool = True, members_ok: bool = True) -> SimpleNamespace:
     """A fake RecBole wheel and a fake `pip download` that drops it in the target folder."""
     files = {"ml-100k.inter": RB_INTER.encode(), "ml-100k.item": RB_ITEM.encode(), "ml-100k.user": RB_USER.encode()}
-    wheel = zip_of(tmp_path / "wheelhouse" / f"recbole-{ml.RECBOLE_VERSION}-py3-none-any.whl", {
-        **{f"{ml.RECBOLE_MEMBER_DIR}/{n}": d for n, d in files.items()},
+    wheel = zip_of(tmp_path / "wheelhouse" / f"recbole-{fetch.RECBOLE_VERSION}-py3-none-any.whl", {
+        **{f"{fetch.RECBOLE_MEMBER_DIR}/{n}": d for n, d in files.items()},
         "recbole/__init__.py": "",
-        f"{ml.RECBOLE_MEMBER_DIR}/ml-100k.kg": "not wanted",
+        f"{fetch.RECBOLE_MEMBER_DIR}/ml-100k.kg": "not wanted",
     })
-    monkeypatch.setattr(ml, "RECBOLE_WHEEL_SHA256", sha256(wheel.read_bytes()) if wheel_ok else "0" * 64)
+    monkeypatch.setattr(fetch, "RECBOLE_WHEEL_SHA256", sha256(wheel.read_bytes()) if wheel_ok else "0" * 64)
     sums = {n: sha256(d) for n, d in files.items()}
     if not members_ok:
         sums["ml-100k.item"] = "f" * 64
-    monkeypatch.setattr(ml, "RECBOLE_ML100K_SHA256", sums)
+    monkeypatch.setattr(fetch, "RECBOLE_ML100K_SHA256", sums)
     calls = []
 
     def pip_download(dest):
@@ -359,7 +360,7 @@ def fake_wheel(tmp_path: Path, monkeypatch, *, wheel_ok: bool = True, members_ok
         target.write_bytes(wheel.read_bytes())
         return target
 
-    monkeypatch.setattr(ml, "_pip_download_recbole", pip_download)
+    monkeypatch.setattr(fetch, "_pip_download_recbole", pip_download)
     return SimpleNamespace(path=wheel, calls=calls)
 
 
@@ -373,8 +374,8 @@ def test_reads_cached_folder_without_fetching(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("must not fetch")
 
-    monkeypatch.setattr(ml, "fetch_grouplens", boom)
-    monkeypatch.setattr(ml, "fetch_recbole_ml100k", boom)
+    monkeypatch.setattr(fetch, "fetch_grouplens", boom)
+    monkeypatch.setattr(fetch, "fetch_recbole_ml100k", boom)
     d = ml.load_movielens("ml-100k", root=tmp_path / "cache")
     assert len(d.ratings) == 4 and d.name == "ml-100k"
 
@@ -387,14 +388,14 @@ def test_cached_recbole_files_are_read(tmp_path):
 
 def test_env_var_cache(tmp_path, monkeypatch):
     ml100k_files(tmp_path / "envcache" / "ml-100k")
-    monkeypatch.setenv(ml.DATA_ENV, str(tmp_path / "envcache"))
-    assert ml.default_cache_dir() == tmp_path / "envcache"
+    monkeypatch.setenv(fetch.DATA_ENV, str(tmp_path / "envcache"))
+    assert fetch.default_cache_dir() == tmp_path / "envcache"
     assert len(ml.ml100k(download=False).ratings) == 4
 
 
 def test_default_cache_dir_in_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert ml.default_cache_dir() == tmp_path / ".cache" / "recsys_torch"
+    assert fetch.default_cache_dir() == tmp_path / ".cache" / "recsys_torch"
 
 
 def test_download_false_missing_says_where(tmp_path):
@@ -415,7 +416,7 @@ def test_grouplens_download(tmp_path, monkeypatch, caplog):
     grouplens_zip(tmp_path / "server", monkeypatch)
     wheel = fake_wheel(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger=ml.__name__):
+    with caplog.at_level(logging.INFO, logger=fetch.__name__):
         d = ml.ml100k(root=cache)
     assert wheel.calls == []  # GroupLens worked: no fallback
     assert "GroupLens" in caplog.text
@@ -431,10 +432,10 @@ def test_fallback_to_recbole_when_grouplens_unreachable(tmp_path, monkeypatch, c
     def unreachable(*a, **k):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(ml.urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", unreachable)
     wheel = fake_wheel(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger=ml.__name__):
+    with caplog.at_level(logging.INFO, logger=fetch.__name__):
         d = ml.ml100k(root=cache)
     assert len(wheel.calls) == 1
     assert "RecBole" in caplog.text and "GroupLens download failed" in caplog.text
@@ -449,7 +450,7 @@ def test_fallback_to_recbole_when_grouplens_unreachable(tmp_path, monkeypatch, c
 def test_fallback_when_grouplens_checksum_mismatches(tmp_path, monkeypatch, caplog):
     grouplens_zip(tmp_path / "server", monkeypatch, md5_ok=False)
     wheel = fake_wheel(tmp_path, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger=ml.__name__):
+    with caplog.at_level(logging.WARNING, logger=fetch.__name__):
         d = ml.ml100k(root=tmp_path / "cache")
     assert "MD5 mismatch" in caplog.text and len(wheel.calls) == 1
     assert (tmp_path / "cache" / "ml-100k" / "ml-100k.inter").is_file()
@@ -461,8 +462,8 @@ def test_fallback_when_grouplens_zip_is_corrupt(tmp_path, monkeypatch):
     server = tmp_path / "server"
     server.mkdir()
     (server / "ml-100k.zip").write_bytes(b"not a zip")
-    monkeypatch.setattr(ml, "GROUPLENS_BASE_URL", server.as_uri())
-    monkeypatch.setattr(ml, "GROUPLENS_MD5", {"ml-100k": md5(server / "ml-100k.zip")})
+    monkeypatch.setattr(fetch, "GROUPLENS_BASE_URL", server.as_uri())
+    monkeypatch.setattr(fetch, "GROUPLENS_MD5", {"ml-100k": md5(server / "ml-100k.zip")})
     fake_wheel(tmp_path, monkeypatch)
     assert len(ml.ml100k(root=tmp_path / "cache").ratings) == 4
 
@@ -483,16 +484,16 @@ def test_all_sources_fail_checksum_leaves_nothing(tmp_path, monkeypatch, wheel_o
 
 def test_extract_recbole_checks_real_sums(tmp_path, monkeypatch):
     wheel = fake_wheel(tmp_path, monkeypatch)
-    monkeypatch.setattr(ml, "RECBOLE_WHEEL_SHA256", "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407")
+    monkeypatch.setattr(fetch, "RECBOLE_WHEEL_SHA256", "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407")
     with pytest.raises(DataError, match="SHA-256 mismatch"):
-        ml.extract_recbole_ml100k(wheel.path, tmp_path)
+        fetch.extract_recbole_ml100k(wheel.path, tmp_path)
 
 
 def test_extract_recbole_missing_member(tmp_path, monkeypatch):
     wheel = zip_of(tmp_path / "recbole-1.2.1-py3-none-any.whl", {"recbole/__init__.py": ""})
-    monkeypatch.setattr(ml, "RECBOLE_WHEEL_SHA256", sha256(wheel.read_bytes()))
+    monkeypatch.setattr(fetch, "RECBOLE_WHEEL_SHA256", sha256(wheel.read_bytes()))
     with pytest.raises(DataError, match="has no recbole/dataset_example/ml-100k/ml-100k.inter"):
-        ml.extract_recbole_ml100k(wheel, tmp_path)
+        fetch.extract_recbole_ml100k(wheel, tmp_path)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
@@ -501,7 +502,7 @@ def test_killed_fetch_leaves_no_partial_folder(tmp_path, monkeypatch, error):
         (Path(dest) / "ml-100k.inter").write_text(RB_INTER[:30])  # a partial file, then death
         raise error("killed")
 
-    monkeypatch.setattr(ml, "fetch_recbole_ml100k", half_written)
+    monkeypatch.setattr(fetch, "fetch_recbole_ml100k", half_written)
     cache = tmp_path / "cache"
     with pytest.raises((error, DataError)):
         ml.ml100k(root=cache)
@@ -531,7 +532,7 @@ def test_stale_staging_folders_are_removed(tmp_path, monkeypatch):
     stale = tmp_path / "cache" / ".ml-100k-partial-deadbeef"
     stale.mkdir(parents=True)
     (stale / "u.data").write_text("1\t2")
-    old = time.time() - ml.STALE_STAGING_AGE - 60
+    old = time.time() - fetch.STALE_STAGING_AGE - 60
     os.utime(stale, (old, old))
     fresh = tmp_path / "cache" / ".ml-100k-partial-running"
     fresh.mkdir()
@@ -547,9 +548,9 @@ def test_other_variant_download(tmp_path, monkeypatch, caplog):
         "ml-1m/users.dat": "1::F::1::10::48067\n2::M::56::16::70072\n",
         "ml-1m/README": "x",
     })
-    monkeypatch.setattr(ml, "GROUPLENS_MD5", {})  # no checksum known: logged, not verified
+    monkeypatch.setattr(fetch, "GROUPLENS_MD5", {})  # no checksum known: logged, not verified
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger=ml.__name__):
+    with caplog.at_level(logging.INFO, logger=fetch.__name__):
         d = ml.movielens("ml-1m", root=cache)
     assert "not verified" in caplog.text
     assert d.name == "ml-1m" and len(d.ratings) == 2 and len(d.users) == 2
@@ -589,7 +590,7 @@ def test_zip_without_ratings_file(tmp_path, monkeypatch):
 
 
 # captured at import, before the autouse guard replaces it
-_ORIGINAL_PIP = ml._pip_download_recbole
+_ORIGINAL_PIP = fetch._pip_download_recbole
 
 
 def test_pip_download_command(tmp_path, monkeypatch):
@@ -601,17 +602,17 @@ def test_pip_download_command(tmp_path, monkeypatch):
         (dest / "recbole-1.2.1-py3-none-any.whl").write_bytes(b"wheel")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(ml.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
     wheel = _ORIGINAL_PIP(tmp_path)
     assert wheel == tmp_path / "recbole-1.2.1-py3-none-any.whl"
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "recbole==1.2.1" in cmd
     assert "install" not in cmd
-    assert seen["kw"]["timeout"] == ml.PIP_TIMEOUT
+    assert seen["kw"]["timeout"] == fetch.PIP_TIMEOUT
 
 
 def test_pip_download_failures(tmp_path, monkeypatch):
-    monkeypatch.setattr(ml.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "WARNING: x\nERROR: Could not find a version that satisfies the requirement recbole==1.2.1\n"))
     with pytest.raises(DataError, match="failed: ERROR: Could not find a version"):
         _ORIGINAL_PIP(tmp_path)
@@ -619,10 +620,10 @@ def test_pip_download_failures(tmp_path, monkeypatch):
     def timeout(cmd, **kw):
         raise subprocess.TimeoutExpired(cmd, kw["timeout"])
 
-    monkeypatch.setattr(ml.subprocess, "run", timeout)
+    monkeypatch.setattr(fetch.subprocess, "run", timeout)
     with pytest.raises(DataError, match="timed out"):
         _ORIGINAL_PIP(tmp_path)
 
-    monkeypatch.setattr(ml.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
     with pytest.raises(DataError, match="left no wheel"):
         _ORIGINAL_PIP(tmp_path)

@@ -275,4 +275,9 @@ def test_ranking_experiments_set_up_the_protocol_and_run(experiment, tmp_path):
 def test_ranking_experiment_optimizes_validation_ndcg():
     from conftest import compose_cfg
 
-    assert compose_cfg(["experiment=ranking_ml100k_mf"]).optimized_metric == "val/ndcg@10"
+    from hydra.utils import instantiate
+
+    from recsys_torch.train import objective
+
+    cfg = compose_cfg(["experiment=ranking_ml100k_mf"])
+    assert objective(cfg, instantiate(cfg.task)) == "val/ndcg@10"  # the task's own metric, by default

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from recsys_torch import cli as cli_errors
 import torch
 
 from conftest import REPO, compose_cfg
@@ -17,6 +19,7 @@ from recsys_torch.data.features import Features
 from recsys_torch.errors import CheckpointError, ConfigError, UnknownIdError
 from recsys_torch.models import HybridModel, MFModel, PopularityModel
 from recsys_torch.recommend import Recommender
+from recsys_torch.tasks import RankingTask
 from recsys_torch.train import train
 
 SCRIPT = str(REPO / "scripts" / "recommend.py")
@@ -229,8 +232,8 @@ def test_rating_fold_in_recovers_a_planted_user():
 
 def test_ranking_fold_in_follows_the_given_positives():
     model = planted_mf(reg=0.01)
-    config = {"task": {"_target_": "recsys_torch.tasks.RankingTask", "threshold": 4.0, "loss": "softmax"}}
-    rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], config=config, rating_scale=(1, 5))
+    task = RankingTask(threshold=4.0, loss="softmax")
+    rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], task=task, rating_scale=(1, 5))
     user = rec.fold_in([("0", 5), ("1", 4), ("7", 1)])  # likes two of the first group, dislikes one of the second
     recs = rec.recommend_for(user, k=4)
     assert all(int(r.item) < 6 for r in recs)  # the first group, although popularity prefers the second
@@ -244,7 +247,7 @@ def test_ranking_fold_in_follows_the_given_positives():
         rec.fold_in([("99", 5)])
     # an item training never saw carries no vector: it is left out of the fit, and still not recommended
     model.known_items[11] = False
-    rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], config=config, rating_scale=(1, 5))
+    rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], task=task, rating_scale=(1, 5))
     with_unseen = rec.fold_in([("0", 5), ("1", 4), ("11", 5)])
     assert np.allclose(with_unseen.vector, rec.fold_in([("0", 5), ("1", 4)]).vector)
     assert "11" not in {r.item for r in rec.recommend_for(with_unseen, k=9)}
@@ -288,7 +291,7 @@ def load_script():
 
 
 def in_process(capsys, *args):
-    code = load_script().main(list(args))
+    code = cli_errors.run(load_script().main, list(args))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -356,12 +359,14 @@ def load_foldin_eval():
 
 
 def test_foldin_eval_scores_held_out_users(tmp_path, ranking_run):
-    script = load_foldin_eval()
+    from recsys_torch.tools import foldin as script
+
+    args = {"n_given": 3, "k": 10, "seed": 0}
     with pytest.raises(ConfigError, match="holds no user out of training"):
-        script.evaluate(script.parse_args([f"run_dir={ranking_run}", "n_given=3"]))
+        script.evaluate({**args, "run_dir": str(ranking_run)})
     train(compose_cfg(["task=ranking", "split=cold_user", "split.val=0", "trainer.epochs=3", "optimized_metric=null"]),
           str(tmp_path))
-    result = script.evaluate(script.parse_args([f"run_dir={tmp_path}", "n_given=3", "k=5"]))
+    result = script.evaluate({**args, "run_dir": str(tmp_path), "k": 5})
     assert result["n_users"] > 5 and result["n_given"] == 3
     for row in ("fold-in", "most popular", "no fold-in"):
         assert 0 <= result[row]["ndcg@5"] <= 1 and 0 < result[row]["hr@5"] <= 1
@@ -371,13 +376,14 @@ def test_foldin_eval_scores_held_out_users(tmp_path, ranking_run):
 def test_foldin_eval_reports_a_config_error_in_one_line(tmp_path, ranking_run, capsys):
     import shutil
 
-    from recsys_torch.io import atomic_torch_save, load_checkpoint
+    from recsys_torch.checkpoint import load_checkpoint
+    from recsys_torch.io import atomic_torch_save
 
     run = tmp_path / "run"
     shutil.copytree(ranking_run, run)
     state = load_checkpoint(str(run / "checkpoint.pt"))
     state["config"]["task"]["loss"] = "warp"  # e.g. a run written by another version
     atomic_torch_save(str(run / "checkpoint.pt"), state)
-    assert load_foldin_eval().main([f"run_dir={run}"]) == 2
+    assert cli_errors.run(load_foldin_eval().main, [f"run_dir={run}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: task.loss must be one of") and len(err.strip().splitlines()) == 1
+    assert "task.loss must be one of" in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -10,10 +10,12 @@ import shutil
 import sys
 
 import pytest
+
+from recsys_torch import cli
 import yaml
 
 from conftest import CONFIG_DIR, REPO
-from recsys_torch import report
+from recsys_torch.tools import report
 from recsys_torch.loggers import TensorBoardLogger
 
 DEFAULT_CHOICES = {"data": "ml100k", "split": "random", "model": "mf", "task": "rating", "trainer": "default",
@@ -152,7 +154,7 @@ def test_script_prints_the_best_command_and_saves_it_as_an_experiment(tmp_path, 
     monkeypatch.setattr(mod, "CONFIG_DIR", str(tmp_path / "configs"))
     (tmp_path / "configs").mkdir()
     shutil.copy(CONFIG_DIR / "train.yaml", tmp_path / "configs" / "train.yaml")
-    assert mod.main([str(tmp_path / "sweep"), "--save-experiment", "dim_tuned"]) == 0
+    assert cli.run(mod.main, [str(tmp_path / "sweep"), "--save-experiment", "dim_tuned"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2] == "best: trial 1, val/rmse = 0.9100 (minimize)"
     assert out[-1] == "python scripts/train.py model.embedding_dim=16 trainer.num_threads=1"
@@ -161,7 +163,7 @@ def test_script_prints_the_best_command_and_saves_it_as_an_experiment(tmp_path, 
     saved = yaml.safe_load((tmp_path / "configs" / "experiment" / "dim_tuned.yaml").read_text())
     assert saved == {"defaults": [{"override /model": "mf"}], "model": {"embedding_dim": 16}}
     # an existing experiment is kept unless --force
-    assert mod.main([str(tmp_path / "sweep"), "--save-experiment", "dim_tuned"]) == 2
+    assert cli.run(mod.main, [str(tmp_path / "sweep"), "--save-experiment", "dim_tuned"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exists: pass --force" in err
 
@@ -183,7 +185,7 @@ def test_script_reports_user_errors_in_one_line(tmp_path, capsys, case, message)
         args += ["--save-experiment", "../escape"]
     elif case == "no-objective":
         make_trial(folder, "0", ["model.reg=1"], None)
-    assert script().main(args) == 2
+    assert cli.run(script().main, args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 

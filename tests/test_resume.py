@@ -5,6 +5,7 @@ the same seed gives the same metrics.json."""
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
 import re
 import signal
@@ -17,7 +18,8 @@ import torch
 
 from conftest import REPO, compose_cfg
 from recsys_torch import trainer as trainer_module
-from recsys_torch.checkpointing import LAST_FORMAT, TrainingInterrupted, load_state
+from recsys_torch.checkpoint import LAST_FORMAT, TrainState, load_state
+from recsys_torch.errors import TrainingInterrupted
 from recsys_torch.errors import CheckpointError, ConfigError, TrainingError
 from recsys_torch.io import safe_torch_load
 from recsys_torch.data import encode
@@ -25,10 +27,12 @@ from recsys_torch.models import HybridModel, MFModel
 from recsys_torch.splits import random_split
 from recsys_torch.tasks import RankingTask, RatingTask
 from recsys_torch.train import train
+from recsys_torch.fused import FusedStep
+from recsys_torch.steps import AutogradStep
 from recsys_torch.trainer import Trainer
 
 FAST = dict(device="cpu", progress=False, num_threads=1)
-TIMING = {"fit_seconds", "train_ratings_per_second", "total_seconds"}
+TIMING = {"fit_seconds", "train_ratings_per_second", "total_seconds", "run_id"}  # differ from run to run
 
 
 class Crash(Exception):
@@ -78,7 +82,7 @@ def test_resume_after_a_crash_is_bit_exact(tiny_inter, tmp_path, kind, extra):
     with pytest.raises(Crash):
         fit(tiny_inter, tmp_path / "last.pt", kind, callbacks=[crash_at(3)], **extra)
     saved = load_state(str(tmp_path / "last.pt"))
-    assert saved["epoch"] == 2 and not saved["finished"]
+    assert saved["progress"]["epoch"] == 2 and not saved["finished"]
     assert_same_fit(reference, fit(tiny_inter, tmp_path / "last.pt", kind, resume=True, **extra))
 
 
@@ -101,17 +105,19 @@ def test_resume_of_a_model_that_draws_random_numbers_is_bit_exact(tiny_raw, tmp_
 def sigterm_at_step(monkeypatch, call: int, signals=(signal.SIGTERM,)) -> None:
     """Send this process ``signals`` during the ``call``-th training step, whichever step path
     (autograd or the fused kernel) runs; wrapping the task instead would change which path runs."""
-    real_step = Trainer._step
     calls = []
 
-    def step(self, *args):
-        calls.append(None)
-        if len(calls) == call:
-            for sig in signals:
-                os.kill(os.getpid(), sig)
-        return real_step(self, *args)
+    def signalling(real_step):
+        def step(self, *args):
+            calls.append(None)
+            if len(calls) == call:
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
+            return real_step(self, *args)
+        return step
 
-    monkeypatch.setattr(Trainer, "_step", step)
+    for cls in (AutogradStep, FusedStep):
+        monkeypatch.setattr(cls, "__call__", signalling(cls.__call__))
 
 
 @pytest.mark.parametrize("kind", ["rating", "ranking"])
@@ -125,7 +131,7 @@ def test_sigterm_mid_epoch_saves_the_step_and_resumes_bit_exact(tiny_inter, tmp_
     monkeypatch.undo()
     assert info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the handler back
-    saved = load_state(str(path))
+    saved = load_state(str(path))["progress"]
     assert saved["epoch"] == 1 and saved["partial"]["epoch"] == 2 and saved["partial"]["step"] == 5
     assert_same_fit(reference, fit(tiny_inter, path, kind, resume=True))
 
@@ -135,12 +141,12 @@ def test_sigint_saves_like_sigterm_and_a_second_one_stops_at_once(tiny_inter, tm
     sigterm_at_step(monkeypatch, 20, signals=(signal.SIGINT,))
     with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT at epoch 2 after step 5 of 15") as info:
         fit(tiny_inter, tmp_path / "a.pt")
-    assert info.value.signum == signal.SIGINT and load_state(str(tmp_path / "a.pt"))["partial"]["step"] == 5
+    assert info.value.signum == signal.SIGINT and load_state(str(tmp_path / "a.pt"))["progress"]["partial"]["step"] == 5
     monkeypatch.undo()
     sigterm_at_step(monkeypatch, 20, signals=(signal.SIGINT, signal.SIGINT))
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_inter, tmp_path / "b.pt")
-    assert load_state(str(tmp_path / "b.pt"))["epoch"] == 1  # the epoch-end state is still there
+    assert load_state(str(tmp_path / "b.pt"))["progress"]["epoch"] == 1  # the epoch-end state is still there
     assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
@@ -150,11 +156,12 @@ def test_last_pt_holds_the_whole_training_state(tiny_inter, tmp_path):
         fit(tiny_inter, path, lr_schedule="step", lr_step_size=1, callbacks=[crash_at(3)])
     saved = safe_torch_load(str(path))  # weights_only=True
     assert saved["format"] == LAST_FORMAT
-    assert {"model", "optimizers", "schedulers", "rng", "epoch", "global_step", "best_state", "best_metric",
-            "best_epoch", "bad_epochs", "history", "partial"} <= set(saved)
-    assert saved["epoch"] == 2 and saved["global_step"] == 2 * 15 and len(saved["history"]) == 2
+    assert {"model", "optimizers", "schedulers", "rng", "progress"} <= set(saved)
+    progress = saved["progress"]  # the trainer's TrainState, field by field
+    assert set(progress) == {f.name for f in dataclasses.fields(TrainState)}
+    assert progress["epoch"] == 2 and progress["global_step"] == 2 * 15 and len(progress["history"]) == 2
     assert saved["schedulers"][0]["last_epoch"] == 2
-    assert isinstance(saved["rng"]["generator"], torch.Tensor) and saved["best_state"] is not None
+    assert isinstance(saved["rng"]["generator"], torch.Tensor) and progress["best_state"] is not None
 
 
 def test_finished_state_is_not_trained_again(tiny_inter, tmp_path):
@@ -218,7 +225,7 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_state(tiny_inter,
     with pytest.raises(TrainingError, match=rf"became nan at epoch 3, step 4: .*after epoch 2, stays in {re.escape(str(path))}"):
         fit(tiny_inter, path, task=NanAt(RatingTask(), 2 * 15 + 4))
     saved = load_state(str(path))
-    assert saved["epoch"] == 2
+    assert saved["progress"]["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
@@ -245,7 +252,7 @@ def test_kfold_resume_skips_finished_folds(tmp_path):
     ref_dir = tmp_path / "ref"
     reference = train(compose_cfg(KFOLD), str(ref_dir))
     assert sorted(os.listdir(ref_dir)) == ["checkpoint.pt", "last-fold0.pt", "last-fold1.pt", "last-fold2.pt",
-                                          "metrics.json", "recommend.npz"]
+                                          "metrics.json", "recommend.npz", "run.json"]
     run = tmp_path / "run"
     run.mkdir()
     # a run killed during fold 1: fold 0 finished, nothing else written
@@ -333,7 +340,7 @@ def test_killed_then_terminated_run_resumes_to_the_same_metrics(tmp_path):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     state = load_state(str(last))
-    assert not state["finished"] and 1 <= state["epoch"] < 5
+    assert not state["finished"] and 1 <= state["progress"]["epoch"] < 5
     assert not (run / "metrics.json").exists() and not (run / "checkpoint.pt").exists()
 
     mtime = last.stat().st_mtime_ns  # 2. resume, and SIGTERM that run once it saved another epoch
@@ -346,7 +353,7 @@ def test_killed_then_terminated_run_resumes_to_the_same_metrics(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: training stopped by SIGTERM at "), err
     assert "trainer.resume=true" in lines[0] and "Traceback" not in err
     state = load_state(str(last))
-    assert not state["finished"] and state["epoch"] > 1
+    assert not state["finished"] and state["progress"]["epoch"] > 1
     assert not (run / "metrics.json").exists() and not (run / "checkpoint.pt").exists()
 
     proc = start(run, "trainer.resume=true")  # 3. resume to the end

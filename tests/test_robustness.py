@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from recsys_torch import io as rio
 from recsys_torch import train as entry
 from recsys_torch.data.synthetic import synthetic
-from recsys_torch.errors import CheckpointError
-from recsys_torch.io import atomic_torch_save, load_checkpoint
+from recsys_torch.errors import CheckpointError, OutputError
+from recsys_torch.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from recsys_torch.io import atomic_torch_save
 
 RUN = ["trainer.epochs=1", "trainer.progress=false", "trainer.num_threads=1", "trainer.device=cpu", "logger=none"]
 OUTPUTS = ("metrics.json", "checkpoint.pt", "last.pt")
@@ -156,7 +156,7 @@ BAD_SETTINGS = {
     "test fraction 0": (["split.test=0"], r"split.test must be a fraction in \[0, 1\), got 0.0"),
     "more folds than ratings": (["split=kfold", "split.folds=100000"], r"split.folds=100000 is more than the"),
     "no positives left": (["task=ranking", "task.threshold=6"], r"leaves the training set empty \(0 ratings in all\)"),
-    "epochs not a number": (["trainer.epochs=abc"], r"trainer.epochs must be an integer, got 'abc'"),
+    "epochs not a number": (["trainer.epochs=abc"], r"trainer.epochs must be an integer >= 0, got 'abc'"),
     "model value not a number": (["model.embedding_dim=abc"],
                                  r"model: ValueError: invalid literal for int\(\) .*'abc' \(building .*MFModel\)"),
     "unknown optimizer": (["trainer.optimizer=rmsprop"], r"trainer.optimizer must be one of"),
@@ -263,7 +263,7 @@ class Payload:
 def malicious_files(tmp_path):
     marker = tmp_path / "pwned"
     torch_file = tmp_path / "torch_save.pt"  # torch's zip format, a valid checkpoint dict around the payload
-    torch.save({"format": rio.CHECKPOINT_FORMAT, "state_dict": {}, "extra": Payload(marker)}, torch_file)
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": {}, "extra": Payload(marker)}, torch_file)
     raw_file = tmp_path / "raw_pickle.pt"  # a bare pickle, as torch.load also accepts
     raw_file.write_bytes(pickle.dumps(Payload(marker)))
     return marker, [torch_file, raw_file]
@@ -293,7 +293,7 @@ def test_resume_from_a_last_pt_with_pickled_code_is_refused(tmp_path, monkeypatc
 
 def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
     good = tmp_path / "good.pt"
-    torch.save({"format": rio.CHECKPOINT_FORMAT, "w": torch.ones(1000)}, good)
+    torch.save({"format": CHECKPOINT_FORMAT, "w": torch.ones(1000)}, good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:300])
     foreign = tmp_path / "foreign.pt"
@@ -329,8 +329,8 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         fh.write(b"half a checkpoint")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(rio.torch, "save", dies_half_way)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OutputError, match=r"cannot write .*checkpoint\.pt: No space left on device"):
         atomic_torch_save(str(path), {"version": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"version": 1}

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, compose_cfg
-from recsys_torch import report
+from recsys_torch.tools import report
 
 HAVE_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
 # optuna 2.x under SQLAlchemy 2 warns about its own ORM declarations on every import
@@ -62,7 +62,7 @@ def optuna_sweep(tmp_path_factory):
 def test_sqlite_storage_opens_a_new_database_and_reopens_it(tmp_path):
     import optuna
 
-    from recsys_torch.callbacks import sqlite_storage
+    from recsys_torch.tools.sweep import sqlite_storage
 
     path = tmp_path / "new" / "optuna.db"
     study = optuna.create_study(study_name="s", storage=sqlite_storage(str(path)))
@@ -76,7 +76,7 @@ def test_sqlite_storage_opens_a_new_database_and_reopens_it(tmp_path):
 def test_resumed_sweep_keeps_finished_trials_and_counts_them_in_n_trials(optuna_sweep):
     import optuna
 
-    from recsys_torch.callbacks import sqlite_storage
+    from recsys_torch.tools.sweep import sqlite_storage
 
     sweep_dir, first, resumed = optuna_sweep
     study = optuna.load_study(study_name="mf_optuna", storage=sqlite_storage(str(sweep_dir / "optuna.db")))
@@ -191,7 +191,7 @@ def test_search_configs_optimize_a_validation_metric_their_runs_report(search, m
 def test_recorder_numbers_new_trials_after_the_folders_already_there(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from recsys_torch import callbacks
+    from recsys_torch.tools import sweep as callbacks
 
     monkeypatch.setattr(callbacks, "_trial_offset", 0)  # restored after the test
     for name in ("0", "3", "notes"):
@@ -210,7 +210,7 @@ def test_recorder_numbers_new_trials_after_the_folders_already_there(tmp_path, m
 def test_config_values_outside_the_search_space_are_not_queued():
     from hydra import compose, initialize_config_dir
 
-    from recsys_torch.callbacks import config_values_in_space
+    from recsys_torch.tools.sweep import config_values_in_space
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
@@ -230,6 +230,6 @@ def test_a_failing_trial_does_not_end_the_sweep(tmp_path):
          "logger=none", "trainer.progress=false", "trainer.lr=-1,0.01", f"hydra.sweep.dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-    assert "trainer.lr must be > 0" in proc.stderr
+    assert "trainer.lr must be a finite number > 0" in proc.stderr
     assert not (tmp_path / "0" / "metrics.json").exists()
     assert (tmp_path / "1" / "metrics.json").exists(), proc.stderr[-2000:]

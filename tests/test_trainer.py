@@ -13,6 +13,7 @@ from recsys_torch.errors import ConfigError, TrainingError
 from recsys_torch.metrics import predict
 from recsys_torch.models import MFModel, PopularityModel
 from recsys_torch.splits import random_split
+from recsys_torch.batches import EpochOrder
 from recsys_torch.trainer import Trainer
 
 FAST = dict(device="cpu", progress=False, num_threads=1)
@@ -169,9 +170,18 @@ def test_diverging_ratings_raise_at_the_first_step(split):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"epochs": -1}, "trainer.epochs must be >= 0"),
-    ({"batch_size": 0}, "trainer.batch_size must be >= 1"),
-    ({"lr": 0.0}, "trainer.lr must be > 0"),
+    ({"epochs": -1}, "trainer.epochs must be an integer >= 0, got -1"),
+    ({"batch_size": 0}, "trainer.batch_size must be an integer >= 1"),
+    ({"batch_size": 2.5}, "trainer.batch_size must be an integer >= 1, got 2.5"),
+    ({"lr": 0.0}, "trainer.lr must be a finite number > 0"),
+    ({"lr": float("inf")}, "trainer.lr must be a finite number > 0"),
+    ({"num_threads": -1}, "trainer.num_threads must be an integer >= 1, got -1"),
+    ({"eval_batch_size": 0}, "trainer.eval_batch_size must be an integer >= 1, got 0"),
+    ({"lr_step_size": 0}, "trainer.lr_step_size must be an integer >= 1, got 0"),
+    ({"min_delta": float("nan")}, "trainer.min_delta must be a finite number, got nan"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 9223372036854775807\], got -1"),
+    ({"seed": 1e20}, r"seed must be an integer in \[0, 9223372036854775807\]"),
+    ({"seed": "abc"}, "seed must be an integer"),
     ({"device": "abacus"}, "trainer.device: unknown device 'abacus'"),
 ])
 def test_bad_settings(kwargs, message):
@@ -235,11 +245,11 @@ def test_user_block_shuffle_is_a_permutation_with_users_together():
 
     users = _t.tensor([3, 0, 3, 1, 0, 3, 1, 4])
     inter = Interactions(users, _t.arange(8), _t.ones(8), 5, 8)
-    trainer = Trainer(shuffle="users", progress=False, device="cpu")
-    trainer.generator = _t.Generator().manual_seed(0)
+    order = EpochOrder("users", inter.users, inter.n_users)
+    generator = _t.Generator().manual_seed(0)
     orders = set()
     for _ in range(6):
-        perm = trainer._permutation(inter)
+        perm = order(generator)
         assert sorted(perm.tolist()) == list(range(8))
         seq = users[perm].tolist()
         blocks = [u for k, u in enumerate(seq) if k == 0 or seq[k - 1] != u]

@@ -139,9 +139,11 @@ def _side_features(table, spec: dict, ids, what: str, name: str, report: dict) -
     return features
 
 
-def encode(raw: RawDataset, duplicates: str = "last") -> Dataset:
+def encode(raw: RawDataset, duplicates: str | None = None) -> Dataset:
     """Encode ids and features. ``duplicates`` says which of repeated (user, item) rows to keep:
-    ``last`` (by timestamp when known, else file order), ``first``, ``mean`` or ``error``."""
+    ``last`` (by timestamp when known, else file order), ``first``, ``mean`` or ``error``; by
+    default the data set's own policy (``raw.duplicates``)."""
+    duplicates = raw.duplicates if duplicates is None else duplicates
     ratings = _check_ratings(raw.ratings, raw.rating_scale, raw.name)
     ratings, n_dup = _drop_duplicates(ratings, duplicates, raw.name)
     if n_dup:

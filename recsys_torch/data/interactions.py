@@ -76,6 +76,11 @@ class Interactions:
             timestamps=move(self.timestamps),
         )
 
+    def pin_memory(self) -> "Interactions":
+        """On the CPU in page-locked memory, for asynchronous copies to a GPU batch by batch."""
+        return replace(self.to("cpu"), users=self.users.cpu().pin_memory(), items=self.items.cpu().pin_memory(),
+                       ratings=self.ratings.cpu().pin_memory())
+
     def user_counts(self) -> torch.Tensor:
         return torch.bincount(self.users, minlength=self.n_users)
 

@@ -1,4 +1,5 @@
-"""MovieLens: readers for the GroupLens file formats and a cached, verified downloader.
+"""MovieLens: readers for the GroupLens file formats (the download and cache live in
+:mod:`recsys_torch.data.fetch`).
 
 Readers (each returns a :class:`RawDataset` with ratings columns ``user``, ``item`` (int64 ids as in
 the files), ``rating`` (float64) and ``timestamp`` (int64)):
@@ -10,73 +11,31 @@ the files), ``rating`` (float64) and ``timestamp`` (int64)):
 
 Item features, where the source has them: ``genres`` (``"multi:|"``), ``year_bucket`` (decade of
 release, ``"unknown"`` when absent) and ``title`` (display only). User features: ``age_bucket``,
-``gender`` and ``occupation`` (all categorical).
-
-:func:`load_movielens` reads ``<cache>/<variant>/`` and, when the files are absent, downloads them
-(GroupLens zip; for ml-100k a verified copy from the RecBole wheel on PyPI as a fallback) into the
-cache atomically. The cache is ``root``, else ``$RECSYS_TORCH_DATA``, else ``~/.cache/recsys_torch``.
-Every user-caused problem raises :class:`DataError` with a one-line message naming the file.
+``gender`` and ``occupation`` (all categorical). Every user-caused problem raises
+:class:`DataError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import math
 import os
 import re
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from recsys_torch.data import fetch
+from recsys_torch.data.fetch import one_line
 from recsys_torch.data.raw import RawDataset
 from recsys_torch.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------------
-# Sources and checksums (module-level so tests and users can point them elsewhere)
-# ---------------------------------------------------------------------------------------------------
-
-#: Base URL of the GroupLens zips; ``{base}/{zip_name}.zip``.
-GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
-#: Socket timeout (seconds) for the GroupLens download (per connect/read, not for the whole file).
-DOWNLOAD_TIMEOUT = 5.0
-#: MD5 sums published by GroupLens, by variant. Variants without one are downloaded unverified.
-GROUPLENS_MD5 = {"ml-100k": "0e33842e24a9c977be4e0107933c0723"}
-#: Download chunk size in bytes.
-CHUNK_SIZE = 1 << 16
-
-#: The RecBole release whose wheel carries a copy of ml-100k (fallback source; never installed).
-RECBOLE_VERSION = "1.2.1"
-RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-RECBOLE_MEMBER_DIR = "recbole/dataset_example/ml-100k"
-RECBOLE_ML100K_SHA256 = {
-    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
-    "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
-}
-#: Timeout (seconds) for ``pip download`` of the RecBole wheel.
-PIP_TIMEOUT = 120.0
-
-#: Environment variable naming the data cache folder.
-DATA_ENV = "RECSYS_TORCH_DATA"
-#: Staging folders older than this (seconds) are left-overs of killed fetches and are removed.
-STALE_STAGING_AGE = 24 * 3600
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -101,11 +60,6 @@ _SEP_NAMES = {"\t": "tab", "|": "'|'", "::": "'::'", ",": "comma"}
 # ---------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException | str) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _check_file(path: Path) -> None:
@@ -201,7 +155,7 @@ def _read_records(
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read: {exc.strerror or one_line(exc)}") from None
     text = _decode(data, path, encoding)
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -216,7 +170,7 @@ def _read_records(
                 rows.append((start, fields))
                 start = reader.line_num + 1
         except csv.Error as exc:
-            raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {_one_line(exc)}") from None
+            raise DataError(f"{path}: malformed CSV near line {reader.line_num}: {one_line(exc)}") from None
         rows = [(n, f) for n, f in rows if f and any(x.strip() for x in f)]
     else:
         rows = []
@@ -262,9 +216,9 @@ def _header_of(path: Path, sep: str) -> list[str]:
                     fields = next(csv.reader([line], delimiter=sep)) if sep == "," else line.split(sep)
                     return [f.strip() for f in fields]
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read: {exc.strerror or one_line(exc)}") from None
     except csv.Error as exc:  # e.g. a bare carriage return inside the header line
-        raise DataError(f"{path}: malformed header line: {_one_line(exc)}") from None
+        raise DataError(f"{path}: malformed header line: {one_line(exc)}") from None
     raise DataError(f"{path}: file is empty")
 
 
@@ -331,9 +285,9 @@ def _read_ratings(
             raise DataError(f"{path}: has no ratings (header only)") from None
         raise DataError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as exc:
-        raise fail(_one_line(exc)) from None
+        raise fail(one_line(exc)) from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read: {exc.strerror or one_line(exc)}") from None
     if len(frame) == 0:
         raise DataError(f"{path}: has no ratings")
     if frame.shape[1] != nfields:
@@ -557,7 +511,7 @@ def read_recbole_ml100k(folder: str | os.PathLike) -> RawDataset:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Variants and the cache
+# Variants, the cache and the loaders
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -596,12 +550,6 @@ def _variant(name: str) -> Variant:
     return VARIANTS[key]
 
 
-def default_cache_dir() -> Path:
-    """``$RECSYS_TORCH_DATA`` or ``~/.cache/recsys_torch``."""
-    env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else Path("~/.cache/recsys_torch").expanduser()
-
-
 def _read_cached(variant: Variant, folder: Path) -> RawDataset | None:
     """The data set in ``folder`` if its ratings file is there, else None."""
     if variant.name == "ml-100k":
@@ -615,185 +563,8 @@ def _read_cached(variant: Variant, folder: Path) -> RawDataset | None:
     return None
 
 
-def grouplens_url(variant: str) -> str:
-    return f"{GROUPLENS_BASE_URL.rstrip('/')}/{_variant(variant).zip_name}.zip"
-
-
-def _download(url: str, dest: Path, *, timeout: float, md5: str | None, desc: str) -> None:
-    """Stream ``url`` into ``dest`` with a progress bar, checking ``md5`` when given."""
-    hasher = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
-        total = int(length) if length and str(length).isdigit() else None
-        with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                           desc=desc, leave=False) as bar:
-            while True:
-                chunk = response.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                out.write(chunk)
-                hasher.update(chunk)
-                bar.update(len(chunk))
-    if md5 is not None and hasher.hexdigest() != md5.lower():
-        raise DataError(f"{url}: MD5 mismatch (expected {md5}, got {hasher.hexdigest()}); the download is corrupt")
-
-
-def _extract(archive: Path, dest: Path, wanted: tuple[str, ...], required: tuple[str, ...]) -> None:
-    """Copy the members of a zip whose base name is in ``wanted`` flat into ``dest``."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            found = {}
-            for info in zf.infolist():
-                base = info.filename.rstrip("/").rsplit("/", 1)[-1]
-                if info.is_dir() or "__MACOSX" in info.filename or base not in wanted:
-                    continue
-                found.setdefault(base, info)
-            missing = [f for f in required if f not in found]
-            if missing:
-                raise DataError(f"{archive.name}: zip has no {', '.join(missing)}")
-            for base, info in found.items():
-                with zf.open(info) as src, open(dest / base, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK_SIZE)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as exc:
-        raise DataError(f"{archive.name}: cannot unzip: {_one_line(exc)}") from None
-
-
-def fetch_grouplens(variant: str, dest: str | os.PathLike) -> None:
-    """Download a GroupLens zip (``GROUPLENS_BASE_URL``) into ``dest`` and unpack the variant's files."""
-    v = _variant(variant)
-    dest = Path(dest)
-    url = grouplens_url(v.name)
-    md5 = GROUPLENS_MD5.get(v.name)
-    if md5 is None:
-        logger.warning("%s: GroupLens publishes no checksum known here; the download is not verified", v.name)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-        archive = Path(tmp) / f"{v.zip_name}.zip"
-        logger.info("%s: downloading %s", v.name, url)
-        _download(url, archive, timeout=DOWNLOAD_TIMEOUT, md5=md5, desc=f"{v.zip_name}.zip")
-        required = v.files if v.name == "ml-100k" else v.files[:1]
-        _extract(archive, dest, v.files, required)
-
-
-def _pip_download_recbole(dest: Path) -> Path:
-    """``pip download`` the RecBole wheel (no dependencies, wheels only) into ``dest``; its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        f"recbole=={RECBOLE_VERSION}", "-d", str(dest), "-q",
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise DataError(f"pip download recbole=={RECBOLE_VERSION} timed out after {PIP_TIMEOUT:g} s") from None
-    except OSError as exc:
-        raise DataError(f"cannot run pip download: {_one_line(exc)}") from None
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "ERROR" in ln] or lines
-        detail = _one_line(errors[-1]) if errors else f"exit status {proc.returncode}"
-        raise DataError(f"pip download recbole=={RECBOLE_VERSION} failed: {detail}")
-    wheels = sorted(Path(dest).glob("recbole-*.whl"))
-    if not wheels:
-        raise DataError(f"pip download recbole=={RECBOLE_VERSION} left no wheel in {dest}")
-    return wheels[0]
-
-
-def _sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
-def extract_recbole_ml100k(wheel: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Check the RecBole wheel and its three ml-100k files against the SHA-256 sums; write them to ``dest``."""
-    wheel, dest = Path(wheel), Path(dest)
-    digest = _sha256_file(wheel)
-    if digest != RECBOLE_WHEEL_SHA256:
-        raise DataError(f"{wheel.name}: SHA-256 mismatch (expected {RECBOLE_WHEEL_SHA256}, got {digest})")
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            contents = {}
-            for name, expected in RECBOLE_ML100K_SHA256.items():
-                member = f"{RECBOLE_MEMBER_DIR}/{name}"
-                try:
-                    data = zf.read(member)
-                except KeyError:
-                    raise DataError(f"{wheel.name}: has no {member}") from None
-                got = hashlib.sha256(data).hexdigest()
-                if got != expected:
-                    raise DataError(f"{wheel.name}: {member}: SHA-256 mismatch (expected {expected}, got {got})")
-                contents[name] = data
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        raise DataError(f"{wheel.name}: cannot unzip: {_one_line(exc)}") from None
-    for name, data in contents.items():
-        (dest / name).write_bytes(data)
-
-
-def fetch_recbole_ml100k(dest: str | os.PathLike) -> None:
-    """Get ml-100k from the RecBole wheel on PyPI (downloaded, verified, never installed) into ``dest``."""
-    dest = Path(dest)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-        logger.info("ml-100k: downloading the recbole==%s wheel with pip", RECBOLE_VERSION)
-        wheel = _pip_download_recbole(Path(tmp))
-        extract_recbole_ml100k(wheel, dest)
-
-
-def _clear(folder: Path) -> None:
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
-def _fetch_ml100k(staging: Path) -> str:
-    """Fill ``staging`` with ml-100k: GroupLens first, RecBole's copy second. Returns the source."""
-    try:
-        fetch_grouplens("ml-100k", staging)
-        return f"GroupLens ({grouplens_url('ml-100k')})"
-    except Exception as exc:  # noqa: BLE001 -- any failure (no network, bad zip, checksum) falls back
-        first = _one_line(exc)
-        logger.warning("ml-100k: GroupLens download failed (%s); trying the RecBole %s wheel", first, RECBOLE_VERSION)
-        _clear(staging)
-    try:
-        fetch_recbole_ml100k(staging)
-        return f"RecBole {RECBOLE_VERSION} wheel (PyPI)"
-    except Exception as exc:  # noqa: BLE001
-        second = _one_line(exc)
-    raise DataError(f"cannot download ml-100k (GroupLens: {first}; RecBole wheel: {second})")
-
-
-def _remove_stale_staging(cache: Path, name: str) -> None:
-    now = time.time()
-    for old in cache.glob(f".{name}-partial-*"):
-        try:
-            if now - old.stat().st_mtime > STALE_STAGING_AGE:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _publish(staging: Path, final: Path, marker: str) -> None:
-    """Move a complete ``staging`` folder to ``final`` atomically.
-
-    A fresh ``final`` is one rename. If ``final`` already exists (e.g. an empty folder or stray
-    side files), files are moved in one by one with the ratings file (the "ready" marker) last.
-    """
-    try:
-        os.rename(staging, final)
-        return
-    except OSError:
-        if not final.is_dir():
-            raise
-    names = sorted((p.name for p in staging.iterdir() if p.is_file()), key=lambda n: n == marker)
-    for name in names:
-        os.replace(staging / name, final / name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 def _manual_hint(variant: Variant, final: Path) -> str:
-    return (f"download {grouplens_url(variant.name)} by hand and unzip {', '.join(variant.files)} "
+    return (f"download {fetch.grouplens_url(variant.zip_name)} by hand and unzip {', '.join(variant.files)} "
             f"into {final}")
 
 
@@ -808,7 +579,7 @@ def load_movielens(
     (SHA-256-checked); other variants only from GroupLens. The cache is written atomically.
     """
     v = _variant(variant)
-    cache = Path(root).expanduser() if root is not None else default_cache_dir()
+    cache = Path(root).expanduser() if root is not None else fetch.default_cache_dir()
     final = cache / v.name
     cached = _read_cached(v, final)
     if cached is not None:
@@ -816,60 +587,32 @@ def load_movielens(
         return cached
     if not download:
         raise DataError(f"{v.name}: no data in {final} and download=False; {_manual_hint(v, final)}")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(cache, v.name)
-        staging = cache / f".{v.name}-partial-{secrets.token_hex(6)}"
-        staging.mkdir()  # not mkdtemp: the published folder should get the usual (umask) permissions
-    except OSError as exc:
-        raise DataError(f"{cache}: cannot create the data cache folder: {exc.strerror or _one_line(exc)}") from None
-    try:
-        if v.name == "ml-100k":
+    if v.name == "ml-100k":
+        def fill(staging):
+            return fetch.fetch_ml100k(v, staging)
+    else:
+        def fill(staging):
             try:
-                source = _fetch_ml100k(staging)
+                fetch.fetch_grouplens(v, staging)
             except DataError as exc:
-                raise DataError(f"{exc}; {_manual_hint(v, final)}") from None
-        else:
-            try:
-                fetch_grouplens(v.name, staging)
-            except DataError as exc:
-                raise DataError(f"cannot download {v.name}: {exc}; {_manual_hint(v, final)}") from None
-            except Exception as exc:  # noqa: BLE001 -- network errors of every kind
-                raise DataError(f"cannot download {v.name} ({_one_line(exc)}); {_manual_hint(v, final)}") from None
-            source = f"GroupLens ({grouplens_url(v.name)})"
-        try:
-            dataset = _read_cached(v, staging)  # validates the files before they enter the cache
-        except DataError as exc:
-            raise DataError(
-                f"{v.name}: the downloaded files are unreadable ({exc}); {_manual_hint(v, final)}"
-            ) from None
-        if dataset is None:
-            raise DataError(f"{v.name}: the download holds no ratings file; {_manual_hint(v, final)}")
-        marker = "ml-100k.inter" if (staging / "ml-100k.inter").exists() else v.files[0]
-        try:
-            _publish(staging, final, marker)
-        except OSError as exc:
-            raise DataError(f"{final}: cannot move the downloaded files into place: "
-                            f"{exc.strerror or _one_line(exc)}") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("%s: downloaded from %s into %s", v.name, source, final)
-    return dataset
+                raise DataError(f"cannot download {v.name}: {exc}") from None
+            return f"GroupLens ({fetch.grouplens_url(v.zip_name)})"
+
+    def marker(staging):
+        return "ml-100k.inter" if (staging / "ml-100k.inter").exists() else v.files[0]
+
+    return fetch.fetch_into_cache(v.name, cache, fill, lambda folder: _read_cached(v, folder), marker,
+                                  _manual_hint(v, final))
 
 
-def movielens(variant: str, root: str | os.PathLike | None = None, download: bool = True) -> RawDataset:
-    """Hydra-friendly alias of :func:`load_movielens`."""
-    return load_movielens(variant, root=root, download=download)
+
+def movielens(variant: str, root: str | os.PathLike | None = None, download: bool = True,
+              duplicates: str = "last") -> RawDataset:
+    """:func:`load_movielens` for a config (``data=ml1m`` ...): ``duplicates`` is the policy for
+    repeated (user, item) ratings when encoding."""
+    return load_movielens(variant, root=root, download=download).with_duplicates(duplicates)
 
 
-def ml100k(root: str | os.PathLike | None = None, download: bool = True) -> RawDataset:
+def ml100k(root: str | os.PathLike | None = None, download: bool = True, duplicates: str = "last") -> RawDataset:
     """MovieLens 100k (943 users, 1682 movies, 100,000 ratings); see :func:`load_movielens`."""
-    return load_movielens("ml-100k", root=root, download=download)
-
-
-__all__ = [
-    "load_movielens", "movielens", "ml100k", "read_ml100k", "read_ml1m", "read_ml10m", "read_ml_csv",
-    "read_recbole_ml100k", "fetch_grouplens", "fetch_recbole_ml100k", "extract_recbole_ml100k",
-    "default_cache_dir", "grouplens_url", "age_bucket", "year_bucket", "year_from_title", "VARIANTS",
-]
+    return movielens("ml-100k", root=root, download=download, duplicates=duplicates)

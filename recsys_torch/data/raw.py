@@ -20,6 +20,12 @@ class RawDataset:
     ``item_title`` names a column of ``items`` kept for display only.
     """
 
+    def with_duplicates(self, policy: str) -> "RawDataset":
+        """This data set, to be encoded with another duplicates policy (see ``data.duplicates``)."""
+        from dataclasses import replace
+
+        return replace(self, duplicates=policy)
+
     ratings: pd.DataFrame
     items: pd.DataFrame | None = None
     item_spec: dict[str, str] = field(default_factory=dict)
@@ -28,3 +34,4 @@ class RawDataset:
     user_spec: dict[str, str] = field(default_factory=dict)
     rating_scale: tuple[float, float] | None = None
     name: str = "dataset"
+    duplicates: str = "last"  # which of repeated (user, item) rows encoding keeps: last | first | mean | error

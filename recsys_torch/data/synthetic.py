@@ -236,6 +236,8 @@ def synthetic(
     integer_ratings: bool = True,
     with_timestamps: bool = True,
     seed: int | None = 0,
+    duplicates: str = "last",
+    shuffle: bool = False,
 ) -> RawDataset:
     """Generates a synthetic :class:`RawDataset` with planted biases, factors and feature effects.
 
@@ -365,6 +367,8 @@ def synthetic(
             "activity": activity,
         }
     )
+    if shuffle:  # rows in a seeded random order, not grouped by user (SGD visits rows in the order given)
+        ratings_df = ratings_df.iloc[np.random.default_rng(seed).permutation(len(ratings_df))].reset_index(drop=True)
     return RawDataset(
         ratings=ratings_df,
         items=items_df,
@@ -374,4 +378,5 @@ def synthetic(
         user_spec={"segment": "categorical", "activity": "numeric"},
         rating_scale=(float(rating_scale[0]), float(rating_scale[1])),
         name="synthetic",
+        duplicates=duplicates,
     )

@@ -96,6 +96,7 @@ def csv(
     user_id: str = "user",
     user_features: Mapping[str, str] | None = None,
     name: str | None = None,
+    duplicates: str = "last",
 ) -> RawDataset:
     """Load ratings and optional feature tables. ``columns`` maps ``user``, ``item``, ``rating`` and
     ``timestamp`` (optional) to the file's column names; ``item_features`` maps feature columns to
@@ -131,4 +132,5 @@ def csv(
         user_spec=dict(user_features or {}),
         rating_scale=scale,
         name=name or os.path.basename(str(ratings)),
+        duplicates=duplicates,
     )

@@ -102,9 +102,35 @@ class FactorizationModel(nn.Module):
             scores = scores + u.vector @ items.vector.T
         return scores
 
-    def extra_state(self) -> dict:
-        """Constructor arguments besides sizes and features, for checkpoints (override if any)."""
-        return {}
+    # ---- what serving needs (recsys_torch.recommend calls these, and nothing else) ---------------
+    scores_unknown_items = False  # an item unseen in training still gets a vector (from its features)
+    scores_unknown_users = False  # a user unseen in training still gets a vector (from user features)
+    reg = 0.0  # L2 on the user vector (fold-in uses the training weights)
+    reg_bias = 0.0  # L2 on the user bias
+
+    @torch.no_grad()
+    def user_table(self, chunk: int = 65536) -> Side:
+        """Vectors and biases of every user, in chunks (a user side may gather each user's items)."""
+        parts = [self.user_side(ids) for ids in torch.arange(self.n_users, device=self.global_bias.device).split(chunk)]
+        vec = None if parts[0].vector is None else torch.cat([p.vector for p in parts])
+        return Side(vec, torch.cat([p.bias for p in parts]), 0.0)
+
+    def regularization(self) -> tuple[float, float, float]:
+        """``(reg, reg_bias, reg_exponent)``: the L2 weights that fold-in gives a new user's vector and
+        bias, scaled by their count as in training."""
+        return float(self.reg), float(self.reg_bias), float(self.reg_exponent)
+
+    @property
+    def new_user_needs_model(self) -> bool:
+        """Whether :meth:`new_user` gives more than zeros (then serving a new user needs the model)."""
+        return self.scores_unknown_users
+
+    @torch.no_grad()
+    def new_user(self, items: torch.Tensor, bag: tuple[torch.Tensor, torch.Tensor] | None = None) -> Side:
+        """Where a user that training never saw starts, before fold-in fits it to the user's ratings:
+        the user feature tower's output for ``bag`` (one user's ``(index, weight)``, ``[1, L]``) and the
+        SVD++ term of the rated ``items``, in models that have them. Here: zero (``vector`` None)."""
+        return Side(None, torch.zeros(()), 0.0)
 
 
 def id_embedding(n: int, dim: int, std: float) -> nn.Embedding:

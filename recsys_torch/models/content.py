@@ -101,6 +101,17 @@ class ContentModel(FactorizationModel):
             penalty = penalty + fp
         return Side(vector, bias, penalty)
 
+    @property
+    def scores_unknown_users(self) -> bool:
+        return self.user_tower is not None
+
+    @torch.no_grad()
+    def new_user(self, items: torch.Tensor, bag=None) -> Side:
+        if bag is None or self.user_tower is None:
+            return super().new_user(items, bag)
+        vector, bias, _ = self.user_tower.encode(*bag)
+        return Side(vector[0], bias[0], 0.0)
+
     def item_side(self, items: torch.Tensor) -> Side:
         vector, bias, penalty = self.item_tower(items)
         if self.item_bias is not None:

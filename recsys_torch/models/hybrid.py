@@ -3,6 +3,7 @@ SVD++ implicit-feedback term."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -94,6 +95,28 @@ class HybridModel(FactorizationModel):
     @property
     def scores_unknown_items(self) -> bool:
         return self.item_tower is not None
+
+    @property
+    def scores_unknown_users(self) -> bool:
+        return self.user_tower is not None
+
+    @property
+    def new_user_needs_model(self) -> bool:
+        return self.user_tower is not None or self.implicit is not None
+
+    @torch.no_grad()
+    def new_user(self, items: torch.Tensor, bag=None) -> Side:
+        """The fused feature part (a new user has no id part) plus the SVD++ term of ``items``."""
+        device = self.global_bias.device
+        vector, bias = torch.zeros(self.embedding_dim, device=device), torch.zeros((), device=device)
+        if bag is not None and self.user_tower is not None:
+            f, fb, _ = self.user_tower.encode(*(t.to(device) for t in bag))
+            zero = torch.zeros(1, device=device)
+            fused, fused_bias = self.user_fusion(torch.zeros_like(f), zero, f, fb, zero)
+            vector, bias = fused[0], fused_bias[0]
+        if self.implicit is not None and len(items):
+            vector = vector + self.implicit.y.weight[items.to(device)].sum(0) / math.sqrt(len(items))
+        return Side(vector, bias, 0.0)
 
     @torch.no_grad()
     def prepare(self, train: Interactions) -> None:

@@ -106,12 +106,19 @@ class FeatureTower(nn.Module):
         return total
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = self.index.index_select(0, ids)
-        weight = self.weight.index_select(0, ids)
+        """The entities ``ids`` of the data the tower was built on."""
+        dense = self.dense.index_select(0, ids) if self.numeric is not None else None
+        return self.encode(self.index.index_select(0, ids), self.weight.index_select(0, ids), dense)
+
+    def encode(self, index: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Any feature bags: ``index`` and ``weight`` ``[B, L]`` (padding id 0), ``dense`` ``[B, D]``
+        (None: every numeric column at its mean, 0)."""
         vector = self.bag(index, per_sample_weights=weight)
         bias = self.bias_bag(index, per_sample_weights=weight).squeeze(-1)
         if self.numeric is not None:
-            dense = self.dense.index_select(0, ids)
+            if dense is None:
+                dense = vector.new_zeros(len(index), self.numeric.in_features)
             vector = vector + self.numeric(dense)
             bias = bias + self.numeric_bias(dense).squeeze(-1)
         if self.mlp is not None:

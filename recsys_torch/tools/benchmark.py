@@ -2,7 +2,7 @@
 
 The parent process prepares the data once (load or generate, encode, split) and writes it to one
 ``.npz`` file; every row (one model at one thread count) then runs in its own Python process
-(``python -m recsys_torch.benchmarking --worker SPEC``), so its peak RSS is its own and a crash or
+(``python -m recsys_torch.tools.benchmark --worker SPEC``), so its peak RSS is its own and a crash or
 an out-of-memory kill loses one row, not the run. A row process imports only its own library: a
 peer's memory figure does not include torch.
 
@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys_torch.errors import ConfigError, RecsysError
+from recsys_torch.metrics import aggregate_folds
+from recsys_torch.tools import peers
+from recsys_torch.tools.peers import Fitted
 
 OURS = "recsys_torch"
 PEERS = ("surprise", "cornac")
@@ -175,36 +178,46 @@ class BenchData:
         return self.users[idx], self.items[idx], self.ratings[idx]
 
 
-def split_parts(inter, protocol: str, seed: int, test: float = 0.1, folds: int = 5, val: float = 0.02) -> np.ndarray:
-    """``assign`` rows from the library's own split functions (so the benchmark's folds are the
-    ones ``split=kfold`` trains on): ``holdout`` is one random split with no validation part,
-    ``kfold`` the BENCHMARKS.md folds, each fold's training part giving up ``val`` for early stopping."""
-    from dataclasses import replace
-
-    import torch
-
-    from recsys_torch import splits
-
-    # The split functions return subsets, not row numbers: carry the row number as the timestamp,
-    # which neither scheme reads.
-    tagged = replace(inter, timestamps=torch.arange(len(inter)))
+def experiment_overrides(data: str, protocol: str, seed: int = 42, test: float = 0.1, folds: int = 5,
+                         val: float = 0.02, n_users: int | None = None, n_items: int | None = None,
+                         n_ratings: int | None = None, ratings: str | None = None,
+                         columns: dict | None = None) -> list[str]:
+    """The ``scripts/train.py`` overrides whose data and split the benchmark runs on, so that its
+    folds are exactly the ones ``split=kfold`` trains on. ``holdout``: one random split with no
+    validation part; ``kfold``: the BENCHMARKS.md folds, each training part giving up ``val``."""
     if protocol == "holdout":
-        quiet = logging.getLogger(splits.__name__)
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # the empty validation part it warns about is deliberate here
-        try:
-            parts = splits.random_split(tagged, seed=seed, val=0.0, test=test)
-        finally:
-            quiet.setLevel(level)
+        split = ["split=random", "split.val=0", f"split.test={test}"]
     elif protocol == "kfold":
-        parts = splits.kfold(tagged, seed=seed, folds=folds, val=val)
+        split = ["split=kfold", f"split.folds={folds}", f"split.val={val}"]
     else:
         raise ConfigError(f"protocol must be holdout or kfold, got {protocol!r}")
-    assign = np.zeros((len(parts), len(inter)), dtype=np.int8)
-    for k, part in enumerate(parts):
-        assign[k, part.val.timestamps.numpy()] = 1
-        assign[k, part.test.timestamps.numpy()] = 2
-    return assign
+    if data == "synthetic":  # rows shuffled once: the generator emits them by user, and SGD peers visit them in order
+        source = ["data=synthetic", f"data.n_users={n_users}", f"data.n_items={n_items}", f"data.n_ratings={n_ratings}",
+                  "data.rank=10", "data.with_timestamps=false", "data.shuffle=true"]
+    elif data == "csv":
+        source = ["data=csv", f"data.ratings={ratings}",
+                  *(f"data.columns.{key}={column}" for key, column in (columns or {}).items())]
+    else:
+        source = [f"data={data}"]
+    return [*source, *split, f"seed={seed}", "task=rating", "logger=none"]
+
+
+def prepare(overrides: list[str]) -> tuple["BenchData", object]:
+    """The benchmark's arrays, built the way every run is (:func:`recsys_torch.train.build`), and
+    the interactions they came from."""
+    from recsys_torch import splits
+    from recsys_torch.cli import compose
+    from recsys_torch.train import build
+
+    quiet = logging.getLogger(splits.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the holdout's empty validation part is deliberate
+    try:
+        experiment = build(compose(overrides))
+    finally:
+        quiet.setLevel(level)
+    assign = np.stack([split.assign for split in experiment.splits])
+    return bench_data(experiment.interactions, assign), experiment.interactions
 
 
 def bench_data(inter, assign: np.ndarray) -> BenchData:
@@ -213,27 +226,7 @@ def bench_data(inter, assign: np.ndarray) -> BenchData:
                      tuple(inter.rating_scale), assign)
 
 
-# ---- fitting each library -------------------------------------------------------------------------
-@dataclass
-class Fitted:
-    predict: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (users, items) codes -> clipped ratings
-    fit_seconds: float
-    epochs_run: int
-    n_train: int
-    model: object = None  # the library's fitted model
-
-
-def _inner(known: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of ``codes`` in the sorted ``known`` codes, and whether each is there."""
-    pos = np.minimum(np.searchsorted(known, codes), max(len(known) - 1, 0))
-    found = known[pos] == codes if len(known) else np.zeros(len(codes), dtype=bool)
-    return pos, found
-
-
-def _dot_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, b) if len(a) else np.zeros(0)
-
-
+# ---- fitting each library ------------------------------------------------------------------------
 def _trainer_kwargs(trainer: dict) -> dict:
     from recsys_torch.trainer import Trainer
 
@@ -283,102 +276,7 @@ def _fit_ours(params: dict, data: BenchData, part: int, threads: int, seed: int,
     return Fitted(predict_fn, seconds, len(result.history), len(train), model)
 
 
-def _grouped(keys: np.ndarray, others: np.ndarray, values: np.ndarray) -> dict[int, list]:
-    """``{key: [(other, value), ...]}`` in row order within each key: Surprise's ``ur`` / ``ir``."""
-    order = np.argsort(keys, kind="stable")
-    pairs = list(zip(others[order].tolist(), values[order].tolist()))
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    return {int(sorted_keys[s]): pairs[s:e] for s, e in zip(starts, ends)}
-
-
-def surprise_trainset(users, items, ratings, rating_scale):
-    """A ``surprise.Trainset`` (what ``build_full_trainset`` makes) with raw ids = our codes, built
-    from arrays without Surprise's per-row Python reader. Returns it and the sorted known codes."""
-    from surprise import Trainset
-
-    known_u, inner_u = np.unique(users, return_inverse=True)
-    known_i, inner_i = np.unique(items, return_inverse=True)
-    ratings = ratings.astype(np.float64)
-    trainset = Trainset(_grouped(inner_u, inner_i, ratings), _grouped(inner_i, inner_u, ratings),
-                        len(known_u), len(known_i), len(ratings), tuple(rating_scale),
-                        {int(c): k for k, c in enumerate(known_u)}, {int(c): k for k, c in enumerate(known_i)})
-    return trainset, known_u, known_i
-
-
-def _fit_surprise(params: dict, data: BenchData, part: int, threads: int, seed: int, device: str) -> Fitted:
-    import surprise
-
-    users, items, ratings = data.take(data.assign[part] != 2)  # no early stopping: train on train + val
-    trainset, known_u, known_i = surprise_trainset(users, items, ratings, data.rating_scale)
-    kwargs = dict(params["kwargs"])
-    if params["algo"] == "SVD":
-        algo = surprise.SVD(random_state=seed, verbose=False, **kwargs)
-    elif params["algo"] == "BaselineOnly":
-        algo = surprise.BaselineOnly(bsl_options=kwargs, verbose=False)
-    else:
-        raise ConfigError(f"surprise algorithm {params['algo']!r} is not wired into the benchmark")
-    t0 = time.perf_counter()
-    algo.fit(trainset)
-    seconds = time.perf_counter() - t0
-    svd = params["algo"] == "SVD"
-
-    def predict_fn(u, i):  # SVD.estimate / BaselineOnly.estimate: mean plus whatever is known
-        iu, ku = _inner(known_u, u)
-        ii, ki = _inner(known_i, i)
-        est = np.full(len(u), trainset.global_mean)
-        est[ku] += algo.bu[iu[ku]]
-        est[ki] += algo.bi[ii[ki]]
-        if svd:
-            both = ku & ki
-            est[both] += _dot_rows(algo.pu[iu[both]], algo.qi[ii[both]])
-        return np.clip(est, *data.rating_scale)
-
-    epochs = kwargs.get("n_epochs", 20 if svd else 10)
-    return Fitted(predict_fn, seconds, int(epochs), len(ratings), algo)
-
-
-def cornac_dataset(users, items, ratings):
-    """A ``cornac.data.Dataset`` (what ``Dataset.build`` makes: known ids compacted, rows in the
-    given order) and the sorted known codes."""
-    from cornac.data import Dataset
-
-    known_u, inner_u = np.unique(users, return_inverse=True)
-    known_i, inner_i = np.unique(items, return_inverse=True)
-    dataset = Dataset(len(known_u), len(known_i), {int(c): k for k, c in enumerate(known_u)},
-                      {int(c): k for k, c in enumerate(known_i)},
-                      (inner_u.astype(np.int64), inner_i.astype(np.int64), ratings.astype(np.float32)))
-    return dataset, known_u, known_i
-
-
-def _fit_cornac(params: dict, data: BenchData, part: int, threads: int, seed: int, device: str) -> Fitted:
-    import cornac.models.mf.backend_cpu  # noqa: F401  (imported by the first fit otherwise: not fitting)
-    from cornac.models import MF
-
-    if params["algo"] != "MF":
-        raise ConfigError(f"cornac model {params['algo']!r} is not wired into the benchmark")
-    users, items, ratings = data.take(data.assign[part] != 2)
-    dataset, known_u, known_i = cornac_dataset(users, items, ratings)
-    # cornac runs single-threaded whenever a seed is given, so only the 1-thread rows are seeded
-    model = MF(num_threads=threads, seed=seed if threads == 1 else None, verbose=False, **params["kwargs"])
-    t0 = time.perf_counter()
-    model.fit(dataset)
-    seconds = time.perf_counter() - t0
-
-    def predict_fn(u, i):  # MF.score, and Recommender.rate's global mean for an unknown item
-        iu, ku = _inner(known_u, u)
-        ii, ki = _inner(known_i, i)
-        est = np.full(len(u), float(model.global_mean))
-        est[ki] += model.i_biases[ii[ki]]
-        both = ku & ki
-        est[both] += model.u_biases[iu[both]] + _dot_rows(model.u_factors[iu[both]], model.i_factors[ii[both]])
-        return np.clip(est, *data.rating_scale)
-
-    return Fitted(predict_fn, seconds, int(params["kwargs"].get("max_iter", 20)), len(ratings), model)
-
-
-FITTERS = {OURS: _fit_ours, "surprise": _fit_surprise, "cornac": _fit_cornac}
+FITTERS = {OURS: _fit_ours, "surprise": peers.fit_surprise, "cornac": peers.fit_cornac}
 
 
 # ---- one row ----------------------------------------------------------------------------------------
@@ -460,8 +358,9 @@ def _aggregate(folds: list[dict]) -> dict:
            "seconds_per_epoch": float(seconds.sum() / max(epochs.sum(), 1)),
            "fit_seconds_total": float(seconds.sum()), "n_train": float(n_train.mean()),
            "n_test": float(col("n_test").mean())}
-    if len(folds) > 1:  # population std over folds, as Surprise's cross_validate reports it
-        out.update(n_folds=len(folds), rmse_std=float(col("rmse").std()), mae_std=float(col("mae").std()))
+    if len(folds) > 1:  # the fold statistics of every run (recsys_torch.metrics.aggregate_folds)
+        stats = aggregate_folds([{"test/rmse": f["rmse"], "test/mae": f["mae"]} for f in folds])
+        out.update(n_folds=len(folds), rmse_std=stats["test/rmse_std"], mae_std=stats["test/mae_std"])
     return out
 
 
@@ -472,7 +371,7 @@ def run_isolated(spec: Spec) -> dict:
     threads = str(spec.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "recsys_torch.benchmarking", "--worker", spec.to_json()],
+    proc = subprocess.run([sys.executable, "-m", "recsys_torch.tools.benchmark", "--worker", spec.to_json()],
                           capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_ROW_PREFIX)]
     if proc.returncode == 0 and lines:
@@ -489,7 +388,7 @@ def failed_row(spec: Spec, notes: str) -> dict:
 
 def worker_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m recsys_torch.benchmarking --worker SPEC_JSON", file=sys.stderr)
+        print("usage: python -m recsys_torch.tools.benchmark --worker SPEC_JSON", file=sys.stderr)
         return 2
     try:
         row = run_row(Spec.from_json(argv[1]))
@@ -641,25 +540,6 @@ def iter_specs(entries: list[Entry], threads: list[int], **common) -> Iterator[S
         counts = [1] if entry.library == "surprise" else threads
         for t in dict.fromkeys(counts):
             yield Spec(entry, threads=t, **common)
-
-
-def synthetic_interactions(n_users: int, n_items: int, n_ratings: int, rank: int = 10, seed: int = 42):
-    """The synthetic set (``recsys_torch.data.synthetic``: planted biases and rank-``rank`` factors,
-    Zipf-like item popularity) as Interactions. Its ids are already codes, so no encoding; the rows
-    are shuffled once, because the generator emits them sorted by user and the peers' SGD visits
-    rows in the order given."""
-    import torch
-
-    from recsys_torch.data.interactions import Interactions
-    from recsys_torch.data.synthetic import synthetic
-
-    raw = synthetic(n_users=n_users, n_items=n_items, n_ratings=n_ratings, rank=rank, seed=seed,
-                    with_timestamps=False)
-    order = np.random.default_rng(seed).permutation(len(raw.ratings))
-    frame = raw.ratings
-    column = lambda name, dtype: torch.from_numpy(frame[name].to_numpy(dtype=dtype)[order])  # noqa: E731
-    return Interactions(column("user", np.int64), column("item", np.int64), column("rating", np.float32),
-                        n_users, n_items, rating_scale=raw.rating_scale)
 
 
 def run(entries: list[Entry], threads: list[int], data: BenchData, dataset: str, work_dir: str,

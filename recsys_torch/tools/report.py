@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from recsys_torch.errors import RecsysError
+from recsys_torch.runfolder import complete_metrics
 
 # Metrics where lower is better; anything else (ndcg, recall, hr, ...) is maximized.
 LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss")
@@ -67,11 +68,8 @@ class Trial:
 
     @classmethod
     def read(cls, path: str, name: str) -> "Trial":
-        metrics_path = os.path.join(path, "metrics.json")
-        metrics = None
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as fh:
-                metrics = json.load(fh)
+        # only a complete set of outputs counts: an old result beside a failed rerun is not the rerun's
+        metrics = complete_metrics(path)
         hydra_dir = os.path.join(path, ".hydra")
         return cls(
             name=name, path=path,
@@ -161,9 +159,13 @@ def searched_params(trials: list[Trial]) -> list[str]:
 
 def load(root: str, objective: str | None = None) -> Sweep:
     trials = find_trials(root)
-    objective = objective or next((t.config.get("optimized_metric") for t in trials if t.config.get("optimized_metric")), None)
+    objective = objective or next((t.config.get("optimized_metric") or (t.metrics or {}).get("optimized_metric")
+                                   for t in trials
+                                   if t.config.get("optimized_metric") or (t.metrics or {}).get("optimized_metric")),
+                                  None)
     if not objective:
-        raise ReportError(f"no optimized_metric in {root}'s .hydra/config.yaml: pass the objective explicitly")
+        raise ReportError(f"no optimized_metric in {root}'s .hydra/config.yaml or metrics.json: pass the objective "
+                          "explicitly (--objective)")
     direction = next((str(t.hydra["sweeper"]["direction"]) for t in trials
                       if isinstance((t.hydra.get("sweeper") or {}).get("direction"), str)), None)
     budget_path = os.path.join(root, "budget.json")
