@@ -135,7 +135,13 @@ def load_state(path: str, meta: dict | None = None) -> dict:
     if found != LAST_FORMAT:
         raise CheckpointError(f"{path} is not a recsys_torch training state (format {LAST_FORMAT})")
     if meta is not None:
-        diff = config_diff(state.get("meta") or {}, meta)
+        saved_meta, meta = dict(state.get("meta") or {}), dict(meta)
+        saved_data, data = saved_meta.pop("data_fingerprint", None), meta.pop("data_fingerprint", None)
+        if saved_data is not None and data is not None and saved_data != data:
+            raise CheckpointError(f"{path} was saved on other data (the ratings or the split changed since): resume "
+                                  "only on the data it was saved on; start over in another run folder, or with "
+                                  "overwrite=true")
+        diff = config_diff(saved_meta, meta)
         if diff:
             shown = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
             raise CheckpointError(

@@ -103,9 +103,8 @@ def _omegaconf_error(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def errors(sweep: bool = False):
-    """Turn a user error inside the block into one line and exit 2. In a sweep the error is logged
-    and raised instead, so the sweeper records the failed trial and goes on."""
+def errors():
+    """Turn a user error inside the block into one ``error:`` line and its exit status."""
     try:
         yield
     except BaseException as exc:  # noqa: BLE001 -- classified just below
@@ -114,11 +113,7 @@ def errors(sweep: bool = False):
         found = error_line(exc)
         if found is None:
             raise
-        message, code = found
-        if sweep and not isinstance(exc, KeyboardInterrupt) and code == 2:
-            log.error("trial failed: %s", message)
-            raise (user_error(exc) or ConfigError(message)) from None
-        fail(message, code)
+        fail(*found)
 
 
 def run(body: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

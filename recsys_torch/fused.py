@@ -9,27 +9,101 @@ pure path remains the reference and the fallback where no compiler is available.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import signal
 import threading
+import time
 
 import torch
 
+from recsys_torch.errors import TrainingInterrupted
 from recsys_torch.optim import OptimizerGroup, advance_adam_state
+from recsys_torch.signals import signal_name
 
 log = logging.getLogger(__name__)
 
 ONLINE_CHUNK = 16384  # ratings per trainer step (progress, loss logging, signal checks) in online SGD
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mf_fused.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# How long a run waits for another process's build of the kernel before it trains on the pure path.
+LOCK_TIMEOUT = float(os.environ.get("RECSYS_TORCH_KERNEL_LOCK_TIMEOUT", "120"))
 _lock = threading.Lock()
 _extension = None
 _failed: str | None = None
 
 
-def load_extension():
-    """The compiled module, or None (with the reason logged once) when it cannot be built."""
+def build_directory() -> tuple[str, str]:
+    """``(module name, build folder)`` of this checkout's kernel. Both carry a hash of the source's
+    path and content, the flags and torch's version: two checkouts (or versions) never share a
+    build folder, so neither makes ninja rebuild the other's."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    with open(_SOURCE, "rb") as fh:
+        key = fh.read() + "\0".join([_SOURCE, *FLAGS, torch.__version__]).encode()
+    name = f"recsys_torch_mf_fused_{hashlib.sha256(key).hexdigest()[:16]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return name, os.path.join(root, name)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str, timeout: float):
+    """Our own lock on ``folder`` (an OS file lock, released when its process dies however it dies):
+    yields whether it was taken within ``timeout`` seconds."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, "recsys_torch.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no stale-lock protection beyond torch's own
+        os.close(fd)
+        yield True
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.2)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_recorded(received: list):
+    """SIGINT and SIGTERM during the build stop it (the compiler is killed) and are recorded, so that
+    the run stops too instead of training on without the kernel."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def load_extension(timeout: float | None = None):
+    """The compiled module, or None (with the reason logged once) when it cannot be built, or when
+    another process's build of it does not finish within ``timeout`` seconds (default
+    :data:`LOCK_TIMEOUT`). A SIGINT or SIGTERM during the build raises :class:`TrainingInterrupted`."""
     global _extension, _failed
     with _lock:
         if _extension is not None or _failed is not None:
@@ -37,17 +111,47 @@ def load_extension():
         try:
             from torch.utils.cpp_extension import load
 
-            flags = ["-O3", "-march=native", "-fopenmp-simd"]
-            with open(_SOURCE, "rb") as fh:
-                digest = hashlib.sha256(fh.read() + " ".join(flags).encode()).hexdigest()[:12]
-            # the name carries the source's hash: two checkouts (or versions) never share a build
-            log.info("loading the fused MF kernel (built once per source version, then cached)")
-            _extension = load(name=f"recsys_torch_mf_fused_{digest}", sources=[_SOURCE], extra_cflags=flags,
-                              verbose=False)
-        except Exception as exc:  # no compiler, no ninja, headers missing: fall back
-            _failed = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            name, folder = build_directory()
+        except Exception as exc:  # noqa: BLE001 -- no build tooling at all: fall back
+            _failed = _first_line(exc)
             log.warning("fused MF kernel unavailable (%s); using the pure PyTorch path", _failed)
+            return None
+        received: list[int] = []
+        with _build_lock(folder, LOCK_TIMEOUT if timeout is None else timeout) as locked:
+            if not locked:
+                _failed = "another process is building it"
+                log.warning("the fused MF kernel is being built by another process (lock %s held for more than "
+                            "%g s); this run uses the pure PyTorch path", os.path.join(folder, "recsys_torch.lock"),
+                            LOCK_TIMEOUT if timeout is None else timeout)
+                return None
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):  # torch's own lock, left by a build that was killed (we hold the folder)
+                log.warning("removing %s, left by an interrupted build of the fused MF kernel", stale)
+                os.unlink(stale)
+            try:
+                log.info("loading the fused MF kernel (built once per source version, then cached in %s)", folder)
+                with _signals_recorded(received):
+                    _extension = load(name=name, sources=[_SOURCE], extra_cflags=FLAGS, build_directory=folder,
+                                      verbose=False)
+            except KeyboardInterrupt:
+                if not received:
+                    raise
+            except Exception as exc:  # no compiler, no ninja, headers missing: fall back
+                _failed = _first_line(exc)
+                log.warning("fused MF kernel unavailable (%s); using the pure PyTorch path", _failed)
+            finally:
+                if os.path.exists(stale):
+                    os.unlink(stale)
+        if received:
+            _extension = None
+            raise TrainingInterrupted(f"the build of the fused MF kernel was stopped by "
+                                      f"{signal_name(received[0])}; nothing was trained", received[0])
         return _extension
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def supports(model, task, optimizer: str, device: torch.device) -> bool:

@@ -87,10 +87,33 @@ def _normalize(rows: np.ndarray) -> np.ndarray:
 
 
 def _checkpoint_stamp(path: str) -> np.ndarray:
-    """Size and modification time of a checkpoint: an index is served only beside the very file it was
-    made from."""
-    st = os.stat(path)
-    return np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    """A hash of a checkpoint's content: an index is served only beside the very file it was made
+    from (a copy that kept no modification times still matches; a forged or replaced file does not)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return np.frombuffer(digest.digest(), dtype=np.uint8).copy()
+
+
+def _check_run_complete(folder: str) -> str | None:
+    """The ``run_id`` of the complete run in ``folder`` (None for a folder from before run.json); a
+    CheckpointError when the folder's last run did not finish, so its files may be an older run's."""
+    try:
+        with open(os.path.join(folder, "run.json"), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        manifest = {}
+    status = manifest.get("status") if isinstance(manifest, dict) else None
+    if status != "complete":
+        why = f"run.json says {status!r}" if status else "its run.json is unreadable"
+        raise CheckpointError(f"the last run in {folder} did not finish ({why}): its outputs do not form one "
+                              "complete run; train it again (or serve another run folder)")
+    return manifest.get("run_id")
 
 
 def _numpy(t) -> np.ndarray | None:
@@ -157,6 +180,7 @@ class Recommender:
         self._item_index: dict[str, int] | None = None
         self._train = train  # (indptr over users, item codes, ratings): rows grouped by user
         self._seen = seen  # (indptr, item codes): rated, yet not training rows (below a ranking threshold)
+        self.run_id: str | None = None
 
     # ---- loading and saving ------------------------------------------------------------------
     @classmethod
@@ -166,12 +190,17 @@ class Recommender:
         if not os.path.exists(path):
             where = f"no {CHECKPOINT_NAME} in {run}" if os.path.isdir(run) else f"{run} does not exist"
             raise CheckpointError(f"{where}: give run_dir= the output folder of a finished scripts/train.py run")
-        index = os.path.join(os.path.dirname(os.path.abspath(path)), INDEX_NAME)
+        folder = os.path.dirname(os.path.abspath(path))
+        run_id = _check_run_complete(folder)
+        index = os.path.join(folder, INDEX_NAME)
         if os.path.isfile(path) and os.path.exists(index):
             rec = cls._from_index(index, path)
-            if rec is not None:
+            if rec is not None and (run_id is None or rec.run_id == run_id):
                 return rec
-        return cls._from_checkpoint(path)
+        rec = cls._from_checkpoint(path)
+        if run_id is not None and rec.run_id not in (None, run_id):
+            raise CheckpointError(f"{path} belongs to another run than {folder}/run.json: train the run again")
+        return rec
 
     @classmethod
     def from_state(cls, state: dict, model=None, task=None) -> "Recommender":
@@ -191,8 +220,10 @@ class Recommender:
     def _from_checkpoint(cls, path: str) -> "Recommender":
         from recsys_torch.checkpoint import load_checkpoint
 
-        rec = cls.from_state(load_checkpoint(path))
+        state = load_checkpoint(path)
+        rec = cls.from_state(state)
         rec._checkpoint = path
+        rec.run_id = (state.get("metrics") or {}).get("run_id")
         return rec
 
     @classmethod
@@ -223,6 +254,7 @@ class Recommender:
                 user_dense=_unpack(a["user_dense"], a["user_dense_offsets"]), model_name=str(a["model_name"]),
                 checkpoint=checkpoint,
             )
+            rec.run_id = str(a["run_id"]) or None
             return rec
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # unreadable, truncated or foreign: the checkpoint serves instead
@@ -239,7 +271,7 @@ class Recommender:
             "loss": np.array(self.loss), "task_config": np.array(json.dumps(self.task_config)),
             "regs": np.array([self.reg, self.reg_bias, self.reg_exponent]),
             "needs_model": np.array(self.needs_model), "scores_unknown_users": np.array(self.scores_unknown_users),
-            "model_name": np.array(self.model_name),
+            "model_name": np.array(self.model_name), "run_id": np.array(self.run_id or ""),
         }
         for name, strings in (("user_ids", self.user_ids), ("item_ids", self.item_ids), ("titles", self.titles),
                               ("user_vocab", self.user_vocab), ("user_dense", self.user_dense)):
@@ -372,6 +404,10 @@ class Recommender:
             n_excluded = int(allowed[exclude].sum())
             allowed[exclude] = False
         k = self._check_k(k, int(allowed.sum()), who, n_excluded)
+        bad = allowed & ~np.isfinite(scores)
+        if bad.any():
+            raise CheckpointError(f"this run's model gives {int(bad.sum())} item(s) a score that is not a finite "
+                                  f"number for {who}: it diverged; train it again (e.g. with a lower trainer.lr)")
         masked = np.where(allowed, scores.astype(np.float64), -math.inf)
         # a stable sort: equal scores go to the lower item code, whatever the platform
         top = np.argsort(-masked, kind="stable")[:k]
@@ -543,4 +579,5 @@ def write_index(checkpoint: str, state: dict, model, task) -> None:
     """``recommend.npz`` beside ``checkpoint``, from the model and task of the run and the checkpoint
     ``state`` that :func:`recsys_torch.checkpoint.save_checkpoint` wrote."""
     rec = Recommender.from_state(state, model, task)
+    rec.run_id = (state.get("metrics") or {}).get("run_id")
     rec.save_index(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), INDEX_NAME), checkpoint)

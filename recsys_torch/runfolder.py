@@ -193,17 +193,31 @@ class RunFolder:
         if not saved or self.resume:
             return
         manifest = read_manifest(self.path)
-        finished = (manifest.get("status") == "complete" if manifest is not None
-                    else os.path.exists(os.path.join(self.path, METRICS_NAME)))  # a run from before run.json
-        if finished or self.overwrite:
-            for path in saved:  # the finished states of a complete run, or asked to start over
+        completed = (manifest.get("status") == "complete" if manifest is not None
+                     else os.path.exists(os.path.join(self.path, METRICS_NAME)))  # a folder from before run.json
+        unfinished = [p for p in saved if not _finished_state(p)] if completed else saved
+        if not unfinished or self.overwrite:
+            for path in saved:  # the finished states of a run that completed, or asked to start over
                 os.unlink(path)
             return
-        names = ", ".join(os.path.basename(p) for p in saved)
+        names = ", ".join(os.path.basename(p) for p in unfinished)
         raise ConfigError(
             f"{self.path} holds the saved state of an unfinished run ({names}): add trainer.resume=true to "
             "continue it, overwrite=true to delete it and start over, or choose another hydra.run.dir"
         )
+
+
+def _finished_state(path: str) -> bool:
+    """Whether ``path`` is the small state a fit leaves when it is over (nothing to lose by deleting
+    it); an unreadable file counts as unfinished."""
+    from recsys_torch.errors import CheckpointError
+    from recsys_torch.io import safe_torch_load
+
+    try:
+        state = safe_torch_load(path)
+    except CheckpointError:
+        return False
+    return isinstance(state, dict) and state.get("finished") is True
 
 
 def complete_metrics(folder: str) -> dict | None:

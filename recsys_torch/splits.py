@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from recsys_torch.data.interactions import Interactions
+from recsys_torch.checks import number
 from recsys_torch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class Split:
 
 
 def _check_fraction(name: str, value: float, allow_zero: bool = True) -> float:
-    value = float(value)
+    value = number(f"split.{name}", value, float)
     if not (0.0 <= value < 1.0) or (value == 0.0 and not allow_zero):
         raise ConfigError(f"split.{name} must be a fraction in [0, 1), got {value}")
     return value
@@ -69,7 +70,7 @@ def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.02
     """K folds of the shuffled ratings (fold of row ``perm[j]`` is ``j % folds``, as in
     ``../shared/BENCHMARKS.md``). Each fold's training part gives up ``val`` of itself for early
     stopping."""
-    folds = int(folds)
+    folds = number("split.folds", folds, int)
     if folds < 2:
         raise ConfigError(f"split.folds must be at least 2, got {folds}")
     if folds > len(inter):
@@ -111,7 +112,7 @@ def user_split(
     users = inter.users.cpu().numpy()
     rng = np.random.default_rng(seed)
     rank, n = _rank_within_user(users, rng.random(len(users)))
-    eligible = n >= max(int(min_ratings), 1)
+    eligible = n >= max(number("split.min_ratings", min_ratings, int, 0), 1)
     n_test = np.floor(test * n + 0.5).astype(np.int64)
     n_val = np.floor(val * n + 0.5).astype(np.int64)
     assign = np.zeros(len(users), dtype=np.int8)
@@ -149,6 +150,7 @@ def leave_last(inter: Interactions, seed: int = 42, n_test: int = 1, n_val: int 
         "split=leave_last cuts each user at a different time, so the model trains on other users' "
         "future; use split=temporal for an honest back-test"
     )
+    n_test, n_val = number("split.n_test", n_test, int, 1), number("split.n_val", n_val, int, 0)
     ts = _require_timestamps(inter, "leave_last")
     users = inter.users.cpu().numpy()
     # rank from the newest: ties broken by row order

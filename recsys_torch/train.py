@@ -238,14 +238,31 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     output_dir = HydraConfig.get().runtime.output_dir
-    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    with cli.errors(sweep=sweep):
-        metrics = train(cfg, output_dir, need_objective=sweep)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _trial(cfg, output_dir)
+    with cli.errors():
+        metrics = train(cfg, output_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(cli.summary(metrics, output_dir))
     if cfg.trainer.get("distributed", False):
         from recsys_torch.distributed import teardown
 
         teardown()
-    value = metrics.get(objective(cfg, instantiate(cfg.task)))
+    value = metrics.get(metrics.get("optimized_metric", ""))
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _trial(cfg: DictConfig, output_dir: str) -> float:
+    """One trial of a sweep: its objective, or NaN when it failed by a user error (a diverging
+    learning rate, an impossible setting). The failure is one logged line and ``run.json`` says
+    ``failed``; the sweep goes on (Optuna records the trial as failed, a grid just moves on)."""
+    try:
+        metrics = train(cfg, output_dir, need_objective=True)
+    except Exception as exc:  # noqa: BLE001 -- a bug still raises below
+        found = cli.error_line(exc)
+        if found is None:
+            raise
+        log.error("trial failed: %s", found[0])
+        return float("nan")
+    value = metrics.get(metrics["optimized_metric"])
+    return float(value) if isinstance(value, (int, float)) else float("nan")

@@ -128,7 +128,10 @@ class Trainer:
         step = build_step(model, task, self.optimizer, self.lr, self.batch_size, self.device, self.fused,
                           self.world_size, self.precision, self.num_threads)
         schedulers = build_schedulers(step.optimizers, self.lr_schedule, epochs, self.lr_gamma, self.lr_step_size)
-        run = _Run(self, model, task, step, schedulers, path, tag)
+        # a saved state belongs to these settings and this data: a resume on other data is refused
+        meta = {**(self.checkpoint_meta or {}), "data_fingerprint": train.fingerprint() + (val.fingerprint() if val else "")
+                } if path else None
+        run = _Run(self, model, task, step, schedulers, path, tag, meta)
         state, t0 = run.restore(), time.perf_counter()
         if state.epoch < 0:  # that fit had finished
             return FitResult(**run.saved["result"])
@@ -142,7 +145,7 @@ class Trainer:
                            len(train) * len(state.history) / max(state.train_seconds, 1e-9), state.stopped_early,
                            _val_part(state.history[state.best_epoch - 1] if state.best_epoch else {}))
         if self._writes and path:
-            save_state(path, {"meta": self.checkpoint_meta, "finished": True, "model": _cpu_state(model),
+            save_state(path, {"meta": run.meta, "finished": True, "model": _cpu_state(model),
                               "result": asdict(result)})
         return result
 
@@ -164,9 +167,9 @@ def _cpu_state(model) -> dict:
 class _Run:
     """One fit's loop: epochs, early stopping, saving and restoring its state."""
 
-    def __init__(self, trainer: Trainer, model, task, step, schedulers, path, tag) -> None:
+    def __init__(self, trainer: Trainer, model, task, step, schedulers, path, tag, meta) -> None:
         self.t, self.model, self.task, self.step, self.schedulers = trainer, model, task, step, schedulers
-        self.path, self.tag, self.saved = path, tag, None
+        self.path, self.tag, self.meta, self.saved = path, tag, meta, None
 
     def epoch(self, state: TrainState, rows, order, epochs, patience, train, val, guard, prior, t0) -> None:
         t, epoch, e0 = self.t, state.epoch + 1, time.perf_counter()
@@ -256,7 +259,7 @@ class _Run:
     def save(self, state: TrainState, prior: float, t0: float) -> None:
         if self.t._writes and self.path:
             state.fit_seconds = prior + time.perf_counter() - t0
-            save_training(self.path, self.t.checkpoint_meta, state, self.model, self.step.optimizers, self.schedulers,
+            save_training(self.path, self.meta, state, self.model, self.step.optimizers, self.schedulers,
                           self.t.generator, self.t.device)
 
     def _stopped(self, signum: int, at: str) -> str:
@@ -268,6 +271,6 @@ class _Run:
         t = self.t
         if not (t.resume and self.path):
             return TrainState()
-        state, self.saved = restore_training(self.path, t.checkpoint_meta, self.model, self.step.optimizers,
+        state, self.saved = restore_training(self.path, self.meta, self.model, self.step.optimizers,
                                              self.schedulers, t.generator, t.device)
         return state

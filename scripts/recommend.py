@@ -87,7 +87,7 @@ def recommendations(args: dict):
 
 def render(heading: str, recs, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([r.as_dict() for r in recs], ensure_ascii=False)
+        return json.dumps([r.as_dict() for r in recs], ensure_ascii=False, allow_nan=False)
     width = max(len(r.title) for r in recs)
     lines = [heading]
     for rank, r in enumerate(recs, 1):

@@ -111,3 +111,4 @@ def test_fused_true_refuses_unsupported_combination():
     model, _ = _pair(inter)
     with pytest.raises(ConfigError, match="fused"):
         Trainer(epochs=1, optimizer="adagrad", fused=True, progress=False).fit(model, inter)
+

@@ -135,16 +135,22 @@ def test_the_saved_tables_serve_what_the_checkpoint_serves(run, request):
 
 
 def test_a_stale_or_broken_index_falls_back_to_the_checkpoint(tmp_path, rating_run):
-    import os
     import shutil
 
+    from recsys_torch.checkpoint import load_checkpoint
+    from recsys_torch.io import atomic_torch_save
+
     folder = tmp_path / "run"
-    shutil.copytree(rating_run, folder)
+    folder.mkdir()
+    for name in ("checkpoint.pt", "recommend.npz", "run.json"):
+        shutil.copy(rating_run / name, folder / name)  # a plain copy: new modification times
     user = busiest_user(Recommender.load(str(folder)))
     want = [r.item for r in Recommender.load(str(folder)).recommend(user, k=5)]
-    assert Recommender.load(str(folder))._model is None  # copytree keeps the stamp (size, mtime)
+    assert Recommender.load(str(folder))._model is None  # matched by content, not by size and mtime
     checkpoint = folder / "checkpoint.pt"
-    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10 ** 9))
+    state = load_checkpoint(str(checkpoint))
+    state["note"] = "replaced"  # another file in the checkpoint's place: the index is not its own
+    atomic_torch_save(str(checkpoint), state)
     stale = Recommender.load(str(folder))
     assert stale._model is not None and [r.item for r in stale.recommend(user, k=5)] == want
     index = folder / "recommend.npz"
@@ -152,6 +158,21 @@ def test_a_stale_or_broken_index_falls_back_to_the_checkpoint(tmp_path, rating_r
         index.write_bytes(junk)
         broken = Recommender.load(str(folder))
         assert broken._model is not None and [r.item for r in broken.recommend(user, k=5)] == want
+
+
+def test_recommend_serves_only_a_complete_run(tmp_path, rating_run):
+    import json
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(rating_run, folder)
+    manifest = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**manifest, "status": "failed", "run_id": "other"}))
+    with pytest.raises(CheckpointError, match=r"did not finish \(run.json says 'failed'\)"):
+        Recommender.load(str(folder))
+    (folder / "run.json").write_text(json.dumps({**manifest, "run_id": "someone-else"}))
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        Recommender.load(str(folder))
 
 
 def test_cli_answers_a_user_query_without_importing_torch(rating_run):

@@ -81,6 +81,17 @@ class Interactions:
         return replace(self.to("cpu"), users=self.users.cpu().pin_memory(), items=self.items.cpu().pin_memory(),
                        ratings=self.ratings.cpu().pin_memory())
 
+    def fingerprint(self) -> str:
+        """A hash of the rows (users, items, ratings, timestamps): equal for the same data only."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=12)
+        for t in (self.users, self.items, self.ratings, self.timestamps):
+            if t is not None:
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(f"{self.n_users},{self.n_items}".encode())
+        return digest.hexdigest()
+
     def user_counts(self) -> torch.Tensor:
         return torch.bincount(self.users, minlength=self.n_users)
 

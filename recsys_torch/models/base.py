@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from recsys_torch.checks import number
 from recsys_torch.data.interactions import Interactions
 
 
@@ -37,7 +38,7 @@ class FactorizationModel(nn.Module):
         super().__init__()
         self.n_users = int(n_users)
         self.n_items = int(n_items)
-        self.reg_exponent = float(reg_exponent)
+        self.reg_exponent = number("model.reg_exponent", reg_exponent, float)
         self.register_buffer("global_bias", torch.zeros(()))
         self.register_buffer("known_users", torch.ones(self.n_users, dtype=torch.bool))
         self.register_buffer("known_items", torch.ones(self.n_items, dtype=torch.bool))

@@ -9,6 +9,7 @@ import torch
 from recsys_torch.data.features import Features
 from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
+from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
 from recsys_torch.models.layers import FeatureTower, as_features, damped_biases
 
@@ -58,11 +59,13 @@ class ContentModel(FactorizationModel):
         if user_tower == "features" and user_features is None:
             raise ConfigError("model.user_tower=features needs user features, and this data set has none "
                               "(use user_tower=id or both, or add data.users=...)")
-        self.bias_init_damping = None if bias_init_damping is None else float(bias_init_damping)
-        self.embedding_dim = int(embedding_dim)
-        self.reg = float(reg)
-        self.reg_bias = float(reg_bias)
-        reg_features = self.reg if reg_features is None else float(reg_features)
+        self.bias_init_damping = number("model.bias_init_damping", bias_init_damping, float, 0, allow_none=True)
+        self.embedding_dim = number("model.embedding_dim", embedding_dim, int, 1)
+        self.reg = number("model.reg", reg, float, 0)
+        self.reg_bias = number("model.reg_bias", reg_bias, float, 0)
+        reg_features = number("model.reg_features", self.reg if reg_features is None else reg_features, float, 0)
+        init_std = number("model.init_std", init_std, float, 0)
+        hidden = [number("model.hidden", h, int, 1) for h in hidden or ()]
         self.item_tower = FeatureTower(item_features, self.embedding_dim, hidden, reg_features, reg_bias, init_std)
         self.item_bias = bias_embedding(n_items) if item_id_bias else None
         self.user_factors = None

@@ -11,15 +11,13 @@ import torch
 from recsys_torch.data.features import Features
 from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
+from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
-from recsys_torch.models.layers import FeatureTower, Fusion, ImplicitFeedback, as_features, damped_biases
+from recsys_torch.models.layers import FUSIONS, FeatureTower, Fusion, ImplicitFeedback, as_features, damped_biases
 
 
 def _probability(name: str, value) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"model.{name} must be a probability in [0, 1], got {value}")
-    return value
+    return number(f"model.{name}", value, float, 0.0, 1.0)
 
 
 class HybridModel(FactorizationModel):
@@ -66,16 +64,20 @@ class HybridModel(FactorizationModel):
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         item_features, user_features = as_features(item_features), as_features(user_features)
-        self.embedding_dim = d = int(embedding_dim)
-        self.reg = float(reg)
-        self.reg_bias = float(reg_bias)
-        self.bias_init_damping = None if bias_init_damping is None else float(bias_init_damping)
+        self.embedding_dim = d = number("model.embedding_dim", embedding_dim, int, 1)
+        self.reg = number("model.reg", reg, float, 0)
+        self.reg_bias = number("model.reg_bias", reg_bias, float, 0)
+        self.bias_init_damping = number("model.bias_init_damping", bias_init_damping, float, 0, allow_none=True)
+        init_std = number("model.init_std", init_std, float, 0)
+        hidden = [number("model.hidden", h, int, 1) for h in hidden or ()]
+        if fusion not in FUSIONS:  # checked even when the data has no features to fuse
+            raise ConfigError(f"model.fusion must be one of {FUSIONS}, got {fusion!r}")
         id_dropout = _probability("id_dropout", id_dropout)
         user_id_dropout = id_dropout if user_id_dropout is None else user_id_dropout
         item_id_dropout = id_dropout if item_id_dropout is None else item_id_dropout
         self.user_id_dropout = _probability("user_id_dropout", user_id_dropout)
         self.item_id_dropout = _probability("item_id_dropout", item_id_dropout)
-        reg_features = self.reg if reg_features is None else float(reg_features)
+        reg_features = number("model.reg_features", self.reg if reg_features is None else reg_features, float, 0)
         self.user_factors = id_embedding(n_users, d, init_std)
         self.item_factors = id_embedding(n_items, d, init_std)
         self.user_bias = bias_embedding(n_users)
@@ -89,7 +91,7 @@ class HybridModel(FactorizationModel):
             self.user_fusion = Fusion(fusion, d)
         self.implicit = None
         if implicit:
-            reg_implicit = self.reg if reg_implicit is None else float(reg_implicit)
+            reg_implicit = number("model.reg_implicit", self.reg if reg_implicit is None else reg_implicit, float, 0)
             self.implicit = ImplicitFeedback(n_users, n_items, d, reg_implicit, init_std=0.01)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
 
 
@@ -13,7 +14,7 @@ class BaselineModel(FactorizationModel):
     def __init__(self, n_users: int, n_items: int, reg_bias: float = 0.02, reg_exponent: float = 0.0,
                  item_features=None, user_features=None) -> None:  # features: accepted, not used
         super().__init__(n_users, n_items, reg_exponent)
-        self.reg_bias = float(reg_bias)
+        self.reg_bias = number("model.reg_bias", reg_bias, float, 0)
         self.user_bias = bias_embedding(n_users)
         self.item_bias = bias_embedding(n_items)
 
@@ -46,9 +47,10 @@ class MFModel(FactorizationModel):
         user_features=None,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
-        self.embedding_dim = int(embedding_dim)
-        self.reg = float(reg)
-        self.reg_bias = float(reg_bias)
+        self.embedding_dim = number("model.embedding_dim", embedding_dim, int, 1)
+        self.reg = number("model.reg", reg, float, 0)
+        self.reg_bias = number("model.reg_bias", reg_bias, float, 0)
+        init_std = number("model.init_std", init_std, float, 0)
         self.user_factors = id_embedding(n_users, self.embedding_dim, init_std)
         self.item_factors = id_embedding(n_items, self.embedding_dim, init_std)
         self.user_bias = bias_embedding(n_users)

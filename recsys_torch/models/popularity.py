@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from recsys_torch.data.interactions import Interactions
+from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side
 
 
@@ -20,7 +21,7 @@ class PopularityModel(FactorizationModel):
     def __init__(self, n_users: int, n_items: int, damping: float = 5.0, item_features=None,
                  user_features=None) -> None:  # features: accepted like every model's, not used
         super().__init__(n_users, n_items)
-        self.damping = float(damping)
+        self.damping = number("model.damping", damping, float, 0)
         self.register_buffer("item_score", torch.zeros(self.n_items))
 
     @torch.no_grad()
