@@ -125,6 +125,37 @@ def test_non_finite_or_non_numeric_rating_is_a_data_error(bad):
         encode(raw(user=[1, 2, 3], item=[1, 1, 1], rating=[4.0, bad, 3.0]))
 
 
+@pytest.mark.parametrize("bad", [1e39, -1e39, 3.5e38, "1e39", 1e300])
+def test_rating_beyond_float32_is_a_data_error(bad):
+    """Ratings are float32: 1e39 is finite as a float64 but infinite once encoded (popularity then
+    crashed and MF blamed the learning rate)."""
+    with pytest.raises(DataError, match=r"toy: 1 rating\(s\) are not finite numbers \(first at row 1: .*\); "
+                                        r"ratings are float32, at most 3\.403e\+38 in size$"):
+        encode(raw(user=[1, 2, 3], item=[1, 1, 1], rating=[4.0, bad, 3.0]))
+
+
+def test_the_largest_float32_rating_is_accepted():
+    big = float(np.finfo(np.float32).max)
+    inter = encode(raw(user=[1, 2], item=[1, 1], rating=[-big, big])).interactions
+    assert torch.isfinite(inter.ratings).all()
+
+
+@pytest.mark.parametrize("scale", [(math.nan, 5.0), (1.0, 1e39), (1.0, math.inf), (5.0, 1.0), (1.0, 1.0 + 1e-12)])
+def test_declared_scale_must_be_two_finite_float32_numbers_low_below_high(scale):
+    with pytest.raises(DataError, match=r"^toy: rating_scale must be \[low, high\]"):
+        encode(raw(scale, user=[1, 2], item=[1, 1], rating=[3.0, 4.0]))
+
+
+def test_scale_taken_from_the_data_is_logged(caplog):
+    with caplog.at_level("INFO", logger="recsys_torch.data.dataset"):
+        encode(raw(user=[1, 2], item=[1, 1], rating=[2.0, 4.5]))
+    assert "toy: rating scale [2, 4.5] taken from the data" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="recsys_torch.data.dataset"):
+        encode(raw((1, 5), user=[1, 2], item=[1, 1], rating=[2.0, 4.5]))
+    assert "rating scale" not in caplog.text
+
+
 @pytest.mark.parametrize("bad", [0.5, 5.5])
 def test_rating_outside_the_declared_scale_is_a_data_error(bad):
     with pytest.raises(DataError, match=r"outside the declared scale \[1.0, 5.0\]"):

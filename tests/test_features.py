@@ -165,3 +165,53 @@ def test_no_feature_columns_gives_presence_only():
     assert dropped == 2
     assert f.index.shape == (3, 1) and f.index.eq(0).all()
     assert f.n_dense == 0 and f.present.tolist() == [True, True, False]
+
+
+# --- numeric columns hold float32 numbers or nothing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, shown", [("abc", "'abc'"), ("12 apples", "'12 apples'"), (float("inf"), "inf"),
+                                        (1e39, "1e+39"), ("-1e39", "'-1e39'"), ("True", "'True'")])
+def test_numeric_column_cells_that_are_not_float32_numbers_are_errors(bad, shown):
+    """A text column declared numeric used to become all zeros without a word."""
+    items = pd.DataFrame({"item": ["a", "b", "c"], "quality": [1.0, bad, 2.0]})
+    with pytest.raises(DataError) as exc:
+        encoded(items, {"quality": "numeric"})
+    assert str(exc.value) == (f"toy: item feature table: numeric feature column 'quality' has 1 cell(s) that are "
+                              f"not finite numbers (first at row 1: {shown})")
+
+
+def test_numeric_text_cells_and_missing_ones(caplog):
+    items = pd.DataFrame({"item": ["a", "b", "c", "zz"], "quality": [" 1 ", "", "3", None]})
+    with caplog.at_level("INFO", logger="recsys_torch.data.features"):
+        f = encoded(items, {"quality": "numeric"}).item_features
+    assert f.dense[:, 0].tolist() == [-1.0, 0.0, 1.0]  # b is empty: the mean; zz has no ratings
+    assert "toy: item feature table: numeric column 'quality': 1 of 3 cell(s) are empty" in caplog.text
+
+
+def test_bad_numeric_cell_in_a_row_of_an_unknown_item_is_still_an_error():
+    items = pd.DataFrame({"item": ["a", "zz"], "quality": [1.0, "n/a?"]})
+    with pytest.raises(DataError, match=r"first at row 1: 'n/a\?'"):
+        encoded(items, {"quality": "numeric"})
+
+
+# --- feature tables that match none, or only some, of the rated ids -----------------------------------------
+
+
+def test_a_table_none_of_whose_ids_is_rated_is_an_error():
+    items = pd.DataFrame({"item": ["A", "B"], "era": ["80s", "90s"]})  # the ratings say a, b, c
+    with pytest.raises(DataError, match=r"^toy: item feature table: none of its 2 row\(s\) names an item with ratings "
+                                        r"\(its ids: \['A', 'B'\]; rated items: \['a', 'b', 'c'\]\)"):
+        encoded(items, {"era": "categorical"})
+
+
+def test_rated_ids_without_a_row_are_counted_in_the_log(caplog):
+    with caplog.at_level("WARNING", logger="recsys_torch.data.dataset"):
+        encoded()  # a and b have rows, c has none; zz and zz2 are unknown
+    assert "toy: 2 item feature row(s) name items with no ratings; ignored; 1 of the 3 rated items have no feature row" \
+        in caplog.text
+    caplog.clear()
+    items = ITEMS[ITEMS["item"].isin(["a", "b"])]
+    with caplog.at_level("WARNING", logger="recsys_torch.data.dataset"):
+        encoded(items)
+    assert "toy: 1 of the 3 rated items have no feature row" in caplog.text

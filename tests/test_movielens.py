@@ -627,3 +627,68 @@ def test_pip_download_failures(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
     with pytest.raises(DataError, match="left no wheel"):
         _ORIGINAL_PIP(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A damaged copy of the real ml-100k in the cache (fake files, which start otherwise, are not checked)
+# ---------------------------------------------------------------------------------------------------
+
+# how the real files start (the first ratings of ml-100k, in both formats)
+REAL_INTER_START = b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n"
+REAL_U_DATA_START = b"196\t242\t3\t881250949\n186\t302\t3\t891717742\n"
+
+
+def test_truncated_cached_recbole_file_is_refused(tmp_path):
+    """A cut-off ml-100k.inter trained silently on the ratings it still had (50,700 of 100,000)."""
+    inter = REAL_INTER_START + b"22\t377\t1\t878887116\n244\t51"
+    folder = write(tmp_path / "ml-100k", {"ml-100k.inter": inter, "ml-100k.item": RB_ITEM, "ml-100k.user": RB_USER})
+    with pytest.raises(DataError) as exc:
+        ml.ml100k(root=tmp_path, download=False)
+    assert str(exc.value) == (f"{folder / 'ml-100k.inter'}: the cached copy of ml-100k is damaged (SHA-256 mismatch, "
+                              f"{len(inter)} bytes: truncated or changed); delete the folder {folder} "
+                              "to download it again")
+
+
+@pytest.mark.parametrize("cut", [1, 30, len(REAL_INTER_START) - 1])
+def test_cached_recbole_file_cut_inside_its_first_lines_is_refused(tmp_path, cut):
+    write(tmp_path / "ml-100k", {"ml-100k.inter": REAL_INTER_START[:cut], "ml-100k.item": RB_ITEM,
+                                 "ml-100k.user": RB_USER})
+    with pytest.raises(DataError, match="the cached copy of ml-100k is damaged"):
+        ml.ml100k(root=tmp_path, download=False)
+
+
+def test_whole_cached_recbole_files_are_checked_and_read(tmp_path, monkeypatch):
+    """The side files are checked too, and a missing one is damage; with the sums of these (fake)
+    files, the folder reads as usual."""
+    inter = REAL_INTER_START + b"22\t377\t1\t878887116\n"
+    folder = write(tmp_path / "ml-100k", {"ml-100k.inter": inter, "ml-100k.item": RB_ITEM, "ml-100k.user": RB_USER})
+    sums = {n: sha256((folder / n).read_bytes()) for n in fetch.RECBOLE_ML100K_SHA256}
+    monkeypatch.setattr(fetch, "RECBOLE_ML100K_SHA256", sums)
+    assert len(ml.ml100k(root=tmp_path, download=False).ratings) == 2
+    (folder / "ml-100k.user").write_text(RB_USER[:-30])
+    with pytest.raises(DataError, match=r"ml-100k\.user: the cached copy of ml-100k is damaged \(SHA-256 mismatch"):
+        ml.ml100k(root=tmp_path, download=False)
+    (folder / "ml-100k.user").unlink()
+    with pytest.raises(DataError, match=r"ml-100k\.user: the cached copy of ml-100k is damaged \(missing\)"):
+        ml.ml100k(root=tmp_path, download=False)
+
+
+def test_truncated_cached_grouplens_file_is_refused(tmp_path, monkeypatch):
+    folder = write(tmp_path / "ml-100k", {"u.data": REAL_U_DATA_START + b"22\t377\t1\t878887116\n",
+                                          "u.item": U_ITEM.encode("latin-1"), "u.user": U_USER})
+    with pytest.raises(DataError) as exc:
+        ml.load_movielens("ml-100k", root=tmp_path)  # not downloaded again: the user decides
+    assert str(exc.value) == (f"{folder / 'u.data'}: the cached copy of ml-100k is damaged (3 rows, the real file "
+                              f"has 100,000); delete the folder {folder} to download it again")
+    monkeypatch.setattr(fetch, "ML100K_ROWS", {"u.data": 3, "u.item": 4, "u.user": 3})  # these files, whole
+    assert len(ml.ml100k(root=tmp_path, download=False).ratings) == 3
+    (folder / "u.item").write_bytes("".join(U_ITEM.splitlines(keepends=True)[:3]).encode("latin-1"))
+    with pytest.raises(DataError, match=r"u\.item: the cached copy of ml-100k is damaged \(3 rows, the real file has 4\)"):
+        ml.ml100k(root=tmp_path, download=False)
+
+
+def test_the_real_cache_if_present_passes_its_check():
+    folder = fetch.default_cache_dir() / "ml-100k"
+    if not folder.is_dir():
+        pytest.skip("no ml-100k in the data cache")
+    fetch.check_cached_ml100k(folder)

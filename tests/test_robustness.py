@@ -334,3 +334,55 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"version": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+# --- data that pandas read without a word: shifted columns, float32 overflow, unmatched or non-numeric features
+
+
+def data_case(kind, tmp_path, frame) -> list[str]:
+    """Overrides of one kind of bad data that used to train (or crash) rather than say what was wrong."""
+    if kind == "header one name short":  # every row has a timestamp field the header does not name
+        path = tmp_path / "ratings.csv"
+        path.write_text("user,item,rating\n" + frame.to_csv(header=False, index=False))
+        return ["data=csv", f"data.ratings={path}"]
+    if kind == "a row one field short":
+        path = tmp_path / "ratings.csv"
+        lines = frame.to_csv(index=False).splitlines()
+        lines[4] = lines[4].rsplit(",", 1)[0]
+        path.write_text("\n".join(lines) + "\n")
+        return ["data=csv", f"data.ratings={path}", "data.columns.timestamp=timestamp"]
+    if kind == "rating beyond float32":
+        return ["data=csv", f"data.ratings={write(tmp_path, with_cell(frame, 3, 'rating', '1e39'))}", "model=popularity"]
+    if kind == "NaN in the rating scale":
+        return ["data=csv", f"data.ratings={write(tmp_path, frame)}", "data.rating_scale=[nan,5]"]
+    if kind == "synthetic scale beyond float32":
+        return ["data=synthetic", "data.n_users=40", "data.n_items=30", "data.n_ratings=500", "+data.rating_scale=[1,1e39]"]
+    items = {"zero-padded feature ids": pd.DataFrame({"item": [f"{i:03d}" for i in range(30)], "genre": ["a"] * 30}),
+             "text in a numeric column": pd.DataFrame({"item": range(30), "genre": ["a", "b", "Comedy"] * 10})}[kind]
+    kinds = {"zero-padded feature ids": "categorical", "text in a numeric column": "numeric"}
+    return ["data=csv", f"data.ratings={write(tmp_path, frame)}", f"data.items={write(tmp_path, items, 'items.csv')}",
+            f"+data.item_features.genre={kinds[kind]}", "model=hybrid"]
+
+
+BAD_DATA = {
+    "header one name short": r"ratings file .*ratings\.csv: 500 row\(s\) do not have the header's 3 fields "
+                             r"\(first at row 0, line 2: 4 fields\)$",
+    "a row one field short": r"ratings file .*ratings\.csv: 1 row\(s\) do not have the header's 4 fields "
+                             r"\(first at row 3, line 5: 3 fields\)$",
+    "rating beyond float32": r"ratings\.csv: 1 rating\(s\) are not finite numbers \(first at row 3: 1e\+39\); "
+                             r"ratings are float32",
+    "NaN in the rating scale": r"data\.rating_scale must be \[low, high\], two finite numbers .*got \[nan, 5\]$",
+    "synthetic scale beyond float32": r"synthetic: rating_scale high must be a finite float32 number",
+    "zero-padded feature ids": r"item file .*items\.csv: none of its 30 row\(s\) names an item with ratings \(its ids: "
+                               r"\['000', '001', '002'\]; rated items: \['0', '1', '2'\]\)",
+    "text in a numeric column": r"item file .*items\.csv: numeric feature column 'genre' has 30 cell\(s\) that are not "
+                                r"finite numbers \(first at row 0: 'a'\)$",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATA))
+def test_bad_data_that_used_to_train_is_one_line_and_exit_2(kind, tmp_path, frame, monkeypatch, capsys):
+    run = tmp_path / "run"
+    code, err = cli(monkeypatch, capsys, run, *data_case(kind, tmp_path, frame))
+    assert_user_error(code, err, BAD_DATA[kind])
+    assert_nothing_written(run)

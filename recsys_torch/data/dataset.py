@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import torch
 
 from recsys_torch.data.features import Features, build_features, id_strings
 from recsys_torch.data.interactions import Interactions
-from recsys_torch.data.raw import RawDataset
+from recsys_torch.data.raw import FLOAT32_MAX, RawDataset, check_rating_scale
 from recsys_torch.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,16 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
         raise DataError(f"{name}: {int(empty.sum())} rating row(s) have an empty user or item id "
                         f"(first at row {first})")
     values = pd.to_numeric(ratings["rating"], errors="coerce")
-    bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+    with np.errstate(invalid="ignore"):  # ratings are float32: 1e39 is as infinite as inf
+        bad = ~(np.abs(values.to_numpy(dtype=np.float64, na_value=np.nan)) <= FLOAT32_MAX)
     if bad.any():
-        first = ratings.index[bad.to_numpy()][0]
+        pos = int(np.flatnonzero(bad)[0])
+        number = float(values.iloc[pos])
+        hint = "" if math.isinf(number) or math.isnan(number) else (
+            f"; ratings are float32, at most {FLOAT32_MAX:.4g} in size")
         raise DataError(
             f"{name}: {int(bad.sum())} rating(s) are not finite numbers "
-            f"(first at row {first}: {_shown(ratings['rating'].loc[first])})"
+            f"(first at row {ratings.index[pos]}: {_shown(ratings['rating'].iloc[pos])}){hint}"
         )
     ratings = ratings.assign(rating=values.astype(np.float64))
     if scale is not None:
@@ -128,14 +133,29 @@ def _drop_duplicates(ratings: pd.DataFrame, policy: str, name: str) -> tuple[pd.
     return ratings, n_before - len(ratings)
 
 
-def _side_features(table, spec: dict, ids, what: str, name: str, report: dict) -> Features:
+def _side_features(table, spec: dict, ids, what: str, raw: RawDataset, report: dict) -> Features:
     """Feature bags of one side (``what``: item or user) over its encoded ids; rows naming ids
-    without ratings are dropped, counted in ``report`` and logged."""
+    without ratings are dropped, counted in ``report`` and logged. A table none of whose rows
+    names a rated id (ids written another way, e.g. ``001`` for ``1``) is a DataError."""
     index = {r: i for i, r in enumerate(ids)}
-    features, n_unknown = build_features(table, what, spec, index, len(ids), what)
+    path = raw.files.get(f"{what}s")
+    where = f"{what} file {path}" if path else f"{raw.name}: {what} feature table"
+    features, n_unknown = build_features(table, what, spec, index, len(ids), what, where)
     report[f"n_{what}_feature_rows_unknown"] = n_unknown
+    n_without = len(ids) - int(features.present.sum())
+    if len(table) and n_without == len(ids):
+        theirs = id_strings(table[what].dropna().head(3)).tolist()
+        article = "an" if what == "item" else "a"
+        raise DataError(
+            f"{where}: none of its {len(table)} row(s) names {article} {what} with ratings (its ids: {theirs}; "
+            f"rated {what}s: {list(ids[:3])}): are the ids written the same way in both files?"
+        )
+    without = f"{n_without} of the {len(ids)} rated {what}s have no feature row" if n_without else ""
     if n_unknown:
-        log.warning("%s: %d %s feature row(s) name %ss with no ratings; ignored", name, n_unknown, what, what)
+        log.warning("%s: %d %s feature row(s) name %ss with no ratings; ignored%s",
+                    raw.name, n_unknown, what, what, f"; {without}" if without else "")
+    elif without:
+        log.warning("%s: %s", raw.name, without)
     return features
 
 
@@ -144,16 +164,19 @@ def encode(raw: RawDataset, duplicates: str | None = None) -> Dataset:
     ``last`` (by timestamp when known, else file order), ``first``, ``mean`` or ``error``; by
     default the data set's own policy (``raw.duplicates``)."""
     duplicates = raw.duplicates if duplicates is None else duplicates
-    ratings = _check_ratings(raw.ratings, raw.rating_scale, raw.name)
+    scale = raw.rating_scale
+    if scale is not None:
+        scale = check_rating_scale(scale, f"{raw.name}: rating_scale")
+    ratings = _check_ratings(raw.ratings, scale, raw.name)
     ratings, n_dup = _drop_duplicates(ratings, duplicates, raw.name)
     if n_dup:
         log.warning("%s: dropped %d duplicate (user, item) rating(s), keeping %s", raw.name, n_dup, duplicates)
 
     user_codes, user_ids = _encode_ids(ratings["user"])
     item_codes, item_ids = _encode_ids(ratings["item"])
-    scale = raw.rating_scale
     if scale is None:
         scale = (float(ratings["rating"].min()), float(ratings["rating"].max()))
+        log.info("%s: rating scale [%g, %g] taken from the data (data.rating_scale sets another)", raw.name, *scale)
     timestamps = None
     if "timestamp" in ratings.columns:
         timestamps = torch.from_numpy(ratings["timestamp"].to_numpy(dtype=np.int64, copy=True))
@@ -172,12 +195,12 @@ def encode(raw: RawDataset, duplicates: str | None = None) -> Dataset:
 
     item_features = user_features = titles = None
     if raw.items is not None:
-        item_features = _side_features(raw.items, raw.item_spec, item_ids, "item", raw.name, report)
+        item_features = _side_features(raw.items, raw.item_spec, item_ids, "item", raw, report)
         if raw.item_title:
             if raw.item_title not in raw.items.columns:
                 raise DataError(f"{raw.name}: item table has no title column {raw.item_title!r}")
             title_of = dict(zip(id_strings(raw.items["item"]), raw.items[raw.item_title].astype(str)))
             titles = [title_of.get(r, str(r)) for r in item_ids]
     if raw.users is not None:
-        user_features = _side_features(raw.users, raw.user_spec, user_ids, "user", raw.name, report)
+        user_features = _side_features(raw.users, raw.user_spec, user_ids, "user", raw, report)
     return Dataset(inter, item_features, user_features, titles, raw.name, report)

@@ -9,6 +9,7 @@ Each entity (user or item code) owns a padded row of feature ids and weights: ``
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -16,7 +17,10 @@ import torch
 
 from recsys_torch.errors import DataError
 
+log = logging.getLogger(__name__)
+
 PAD = "<pad>"
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # dense features are float32
 
 
 @dataclass
@@ -84,6 +88,40 @@ def id_strings(values: pd.Series) -> pd.Series:
     return values.astype(str)
 
 
+def _float_or_nan(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def numeric_column(values: pd.Series, column: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric feature column as float64 with NaN where a cell is missing (empty, or a missing
+    value such as pandas' NA), and that mask. Any other cell must be a number that is finite as a
+    float32 (dense features are float32): text, ``inf`` or ``1e39`` is a DataError naming ``where``,
+    the column, the row and the value."""
+    import pandas as pd
+
+    text = values.astype(object).where(values.notna())
+    text = text.map(lambda v: v.strip() if isinstance(v, str) else v)
+    missing = (text.isna() | text.eq("")).to_numpy()
+    try:
+        x = pd.to_numeric(text.mask(missing), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):  # cells that are neither text nor numbers (lists from a parquet file)
+        x = np.array([_float_or_nan(v) for v in text.mask(missing)], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = ~missing & ~(np.abs(x) <= FLOAT32_MAX)  # NaN (not a number), inf, beyond float32
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        value = values.iloc[first]
+        shown = repr(value) if isinstance(value, str) else str(value)
+        raise DataError(
+            f"{where}: numeric feature column {column!r} has {int(bad.sum())} cell(s) that are not finite numbers "
+            f"(first at row {values.index[first]}: {shown})"
+        )
+    return x, missing
+
+
 def build_features(
     table: pd.DataFrame,
     id_column: str,
@@ -91,19 +129,25 @@ def build_features(
     codes: dict[str, int],
     n_entities: int,
     what: str = "item",
+    where: str | None = None,
 ) -> tuple[Features, int]:
     """Encode a feature table into :class:`Features` over ``n_entities`` codes.
 
     ``codes`` maps a raw id (as a string) to its code. Rows whose id is not in ``codes`` are dropped
-    and counted (the second return value). Entities without a row get an empty bag.
+    and counted (the second return value). Entities without a row get an empty bag. ``where`` names
+    the table in messages (default ``"<what> feature table"``).
     """
     import pandas as pd
 
+    where = where or f"{what} feature table"
     if id_column not in table.columns:
-        raise DataError(f"{what} feature table has no id column {id_column!r} (columns: {list(table.columns)})")
+        raise DataError(f"{where} has no id column {id_column!r} (columns: {list(table.columns)})")
     missing = [c for c in spec if c not in table.columns]
     if missing:
-        raise DataError(f"{what} feature table has no column(s) {missing} (columns: {list(table.columns)})")
+        raise DataError(f"{where} has no column(s) {missing} (columns: {list(table.columns)})")
+    kinds = {column: parse_spec(kind, column) for column, kind in spec.items()}
+    numbers = {column: numeric_column(table[column], column, where)  # every row, before any is dropped
+               for column, (kind, _) in kinds.items() if kind == "numeric"}
     code = id_strings(table[id_column]).map(codes)
     known = code.notna().to_numpy()
     n_dropped = int((~known).sum())
@@ -114,12 +158,14 @@ def build_features(
     vocab = [PAD]
     ent_parts, fid_parts, w_parts = [], [], []
     dense_cols, dense_names = [], []
-    for column, kind in spec.items():
-        kind, sep = parse_spec(kind, column)
+    kept = np.flatnonzero(known)[last]
+    for column, (kind, sep) in kinds.items():
         values = table[column]
         if kind == "numeric":
-            x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, copy=True)
-            x[~np.isfinite(x)] = np.nan
+            x, empty = (a[kept] for a in numbers[column])
+            if empty.any():
+                log.info("%s: numeric column %r: %d of %d cell(s) are empty; they count as the column's mean",
+                         where, column, int(empty.sum()), len(empty))
             mu = np.nanmean(x) if np.isfinite(x).any() else 0.0
             sd = np.nanstd(x) if np.isfinite(x).any() else 1.0
             col = np.zeros(n_entities, dtype=np.float32)

@@ -57,6 +57,14 @@ RECBOLE_ML100K_SHA256 = {
     "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
+#: How a cached ml-100k ratings file is known to be (a copy of) the real one: how the real file starts.
+#: A truncated copy starts the same way, so a file that starts like this must be the whole real file.
+ML100K_RATINGS_START = {
+    "u.data": b"196\t242\t3\t881250949\n186\t302\t3\t891717742\n",
+    "ml-100k.inter": b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n",
+}
+#: Rows of GroupLens' ml-100k files (GroupLens publishes an MD5 of the zip only, not of its files).
+ML100K_ROWS = {"u.data": 100_000, "u.item": 1682, "u.user": 943}
 #: Timeout (seconds) for ``pip download`` of the RecBole wheel.
 PIP_TIMEOUT = 120.0
 
@@ -189,6 +197,47 @@ def extract_recbole_ml100k(wheel: str | os.PathLike, dest: str | os.PathLike) ->
         raise DataError(f"{wheel.name}: cannot unzip: {one_line(exc)}") from None
     for name, data in contents.items():
         (dest / name).write_bytes(data)
+
+
+def _starts_like(path: Path, start: bytes) -> bool:
+    """Whether the file begins with ``start`` (or, shorter than it, is a beginning of it)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(start))
+    return bool(head) and start.startswith(head)
+
+
+def check_cached_ml100k(folder: str | os.PathLike) -> None:
+    """Raise a DataError when ``folder`` (the ml-100k folder of the cache) holds a damaged copy of the
+    real ml-100k: a ratings file that starts like the real one must be all of it (RecBole's files:
+    their SHA-256 sums; GroupLens' files: their row counts), and its side files must be there and
+    whole. Files that do not start like the real ones (a data set put there by hand) are not checked."""
+    folder = Path(folder)
+
+    def damaged(name: str, detail: str) -> DataError:
+        return DataError(f"{folder / name}: the cached copy of ml-100k is damaged ({detail}); "
+                         f"delete the folder {folder} to download it again")
+
+    try:
+        if (folder / "u.data").is_file():
+            if not _starts_like(folder / "u.data", ML100K_RATINGS_START["u.data"]):
+                return
+            for name, expected in ML100K_ROWS.items():
+                if not (folder / name).is_file():
+                    raise damaged(name, "missing")
+                rows = sum(1 for line in (folder / name).read_bytes().split(b"\n") if line.strip())
+                if rows != expected:
+                    raise damaged(name, f"{rows:,} rows, the real file has {expected:,}")
+        elif (folder / "ml-100k.inter").is_file():
+            if not _starts_like(folder / "ml-100k.inter", ML100K_RATINGS_START["ml-100k.inter"]):
+                return
+            for name, expected in RECBOLE_ML100K_SHA256.items():
+                if not (folder / name).is_file():
+                    raise damaged(name, "missing")
+                if _sha256_file(folder / name) != expected:
+                    size = (folder / name).stat().st_size
+                    raise damaged(name, f"SHA-256 mismatch, {size:,} bytes: truncated or changed")
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot read the cached ml-100k files: {exc.strerror or one_line(exc)}") from None
 
 
 def fetch_recbole_ml100k(dest: str | os.PathLike) -> None:

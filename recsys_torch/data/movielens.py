@@ -581,6 +581,8 @@ def load_movielens(
     v = _variant(variant)
     cache = Path(root).expanduser() if root is not None else fetch.default_cache_dir()
     final = cache / v.name
+    if v.name == "ml-100k":
+        fetch.check_cached_ml100k(final)  # a truncated or changed copy of the real files
     cached = _read_cached(v, final)
     if cached is not None:
         logger.info("%s: reading cached files in %s", v.name, final)

@@ -35,7 +35,7 @@ from numbers import Integral, Real
 import numpy as np
 import pandas as pd
 
-from recsys_torch.data.raw import RawDataset
+from recsys_torch.data.raw import FLOAT32_MAX, RawDataset
 from recsys_torch.errors import ConfigError
 
 ERAS = ("1970s", "1980s", "1990s", "2000s", "2010s")
@@ -73,7 +73,11 @@ def _rounding(rating_scale, integer_ratings: bool) -> tuple[float, float, float]
         ) from None
     low = _check_real("rating_scale low", low)
     high = _check_real("rating_scale high", high)
-    if not low < high:
+    for what, value in (("low", low), ("high", high)):
+        if abs(value) > FLOAT32_MAX:  # ratings are float32
+            raise ConfigError(f"synthetic: rating_scale {what} must be a finite float32 number "
+                              f"(at most {FLOAT32_MAX:.4g} in size), got {value!r}")
+    if not np.float32(low) < np.float32(high):
         raise ConfigError(f"synthetic: rating_scale must have low < high, got {rating_scale!r}")
     step = 1.0 if integer_ratings else 0.5
     grid_low = math.ceil(low / step - 1e-9) * step
