@@ -271,20 +271,37 @@ def _unknown_key(dotted: str, overrides: list[str]) -> str:
 def summary(metrics: dict, output_dir: str) -> str:
     """The one-screen summary printed at the end of a run."""
     lines = ["", "=" * 64, "recsys_torch run summary", "-" * 64]
+    counts = ("n_users", "n_ratings")
     keys = [k for k in metrics if k.startswith("test/") and not k.endswith("_std")]
     for key in keys:
-        std = metrics.get(f"{key}_std")
-        value = metrics[key]
-        if isinstance(value, float) and not math.isnan(value):
-            lines.append(f"  {key:<28} {value:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+        std, value = metrics.get(f"{key}_std"), metrics[key]
+        if not isinstance(value, float) or math.isnan(value) or key.rsplit("/", 1)[-1] in counts:
+            continue
+        line = f"  {key:<28} {value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        segment = key.split("/")[1] if key.count("/") == 2 else None
+        if segment in ("cold", "warm") and f"test/{segment}/n_ratings" in metrics:
+            n = metrics[f"test/{segment}/n_ratings"]
+            line += f"   ({n:,.0f} ratings{' of unknown users or items' if segment == 'cold' else ''})"
+        lines.append(line)
+    if "test/n_users" in metrics:
+        lines.append(f"  {'test users ranked':<28} {metrics['test/n_users']:,.0f}")
     if "folds" in metrics:
         lines.append(f"  (mean ± std over {len(metrics['folds'])} folds)")
-    lines.append(f"  train / val / test ratings  {metrics['n_train']:.0f} / {metrics['n_val']:.0f} / {metrics['n_test']:.0f}")
+    lines.append(f"  train / val / test ratings  {metrics['n_train']:,.0f} / {metrics['n_val']:,.0f} / {metrics['n_test']:,.0f}")
     lines.append(f"  unknown in test             {metrics['n_test_unknown_users']:.0f} users, "
                  f"{metrics['n_test_unknown_items']:.0f} items")
-    lines.append(f"  fit time                    {metrics['fit_seconds']:.2f} s"
-                 + (" per fold" if "folds" in metrics else "")
-                 + f" ({metrics['train_ratings_per_second'] / 1e6:.2f} M ratings/s)")
+    if metrics.get("best_epoch") or metrics.get("train_ratings_per_second"):
+        lines.append(f"  fit time                    {metrics['fit_seconds']:.2f} s"
+                     + (" per fold" if "folds" in metrics else "")
+                     + f" ({metrics['train_ratings_per_second'] / 1e6:.2f} M ratings/s)")
+    else:
+        lines.append(f"  fit time                    {metrics['fit_seconds']:.3f} s (no gradient steps: computed from "
+                     "the training counts)")
+    if "final_fit_epochs" in metrics:
+        lines.append(f"  saved model                 trained on all {metrics['n_final_fit']:,} ratings for "
+                     f"{metrics['final_fit_epochs']} epochs ({metrics['final_fit_seconds']:.2f} s)")
+    if metrics.get("num_threads"):
+        lines.append(f"  threads                     {metrics['num_threads']}")
     lines.append(f"  outputs                     {output_dir}")
     lines.append(f"  tensorboard                 tensorboard --logdir {os.path.join(output_dir, 'tb')}")
     lines.append("=" * 64)

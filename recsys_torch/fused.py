@@ -239,3 +239,6 @@ class FusedStep:
         loss = self.kernel.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())
         self.kernel.step()  # a no-op that lets learning-rate schedulers see a step
         return loss
+
+    def end_epoch(self) -> None:
+        pass

@@ -74,9 +74,11 @@ def rating_metrics(model: FactorizationModel, data: Interactions, train: Interac
         cold = unk_u | unk_i
         if bool(cold.any()):
             out["cold/rmse"], out["cold/mae"] = rmse(pred[cold], target[cold]), mae(pred[cold], target[cold])
+            out["cold/n_ratings"] = float(cold.sum())
             warm = ~cold
             if bool(warm.any()):  # a cold split may leave no warm rows: no NaN keys then
                 out["warm/rmse"], out["warm/mae"] = rmse(pred[warm], target[warm]), mae(pred[warm], target[warm])
+                out["warm/n_ratings"] = float(warm.sum())
     return out
 
 

@@ -132,7 +132,8 @@ class RowAdagrad(torch.optim.Optimizer):
 
 
 # ---- building them ---------------------------------------------------------------------------------
-OPTIMIZERS = ("sgd", "adam", "sparse_adam", "adagrad")
+# als: recsys_torch.als (the Gramian loss of MF); auto: als there, adam elsewhere (recsys_torch.steps)
+OPTIMIZERS = ("sgd", "adam", "sparse_adam", "adagrad", "als", "auto")
 SCHEDULES = ("none", "cosine", "exponential", "step")
 
 

@@ -26,6 +26,7 @@ class Split:
     test: Interactions
     name: str = "split"
     assign: np.ndarray | None = None  # the part of each row of the split data: 0 train, 1 val, 2 test
+    final_fit: bool = False  # after the folds, train one model on all the data (k-fold's final model)
 
 
 def _check_fraction(name: str, value: float, allow_zero: bool = True) -> float:
@@ -66,10 +67,11 @@ def random_split(inter: Interactions, seed: int = 42, val: float = 0.1, test: fl
     return [_make(inter, assign, "random")]
 
 
-def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.02) -> list[Split]:
+def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.02, final_fit: bool = True) -> list[Split]:
     """K folds of the shuffled ratings (fold of row ``perm[j]`` is ``j % folds``, as in
     ``../shared/BENCHMARKS.md``). Each fold's training part gives up ``val`` of itself for early
-    stopping."""
+    stopping. ``final_fit``: the folds estimate the error; then one model trains on all the data
+    (for the folds' mean number of epochs), and that is the run's saved model."""
     folds = number("split.folds", folds, int)
     if folds < 2:
         raise ConfigError(f"split.folds must be at least 2, got {folds}")
@@ -87,7 +89,9 @@ def kfold(inter: Interactions, seed: int = 42, folds: int = 5, val: float = 0.02
         rng = np.random.default_rng([seed, k])
         n_val = int(round(val * len(train_rows)))
         assign[rng.choice(train_rows, size=n_val, replace=False)] = 1
-        out.append(_make(inter, assign, f"fold{k}"))
+        split = _make(inter, assign, f"fold{k}")
+        split.final_fit = bool(final_fit)
+        out.append(split)
     return out
 
 

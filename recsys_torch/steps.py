@@ -52,11 +52,22 @@ class AutogradStep:
         self.optimizers.step()
         return loss.detach().float()
 
+    def end_epoch(self) -> None:
+        """Called once after each epoch's last step (a no-op here; ALS solves its items then)."""
+
 
 def build_step(model, task, optimizer: str, lr: float, batch_size: int, device: torch.device,
                fused: bool | str = "auto", world_size: int = 1, precision: str = "32", num_threads: int | None = None):
     """The step the trainer runs: the compiled kernel when it computes exactly this step (``fused``
     ``auto`` or ``true``; ``true`` refuses to fall back), else :class:`AutogradStep`."""
+    if optimizer == "auto":  # ALS where it solves the loss exactly (biased MF, Gramian loss), else Adam
+        from recsys_torch.models.mf import MFModel
+
+        optimizer = "als" if type(model) is MFModel and task.loss_name == "gramian" else "adam"
+    if optimizer == "als":  # alternating least squares for the Gramian loss (recsys_torch.als)
+        from recsys_torch.als import ALSStep
+
+        return ALSStep(model, task, batch_size)
     if fused is not False and world_size == 1:
         from recsys_torch import fused as kernel
 

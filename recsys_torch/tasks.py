@@ -8,6 +8,7 @@ import torch
 
 from recsys_torch import losses, metrics
 from recsys_torch.data.interactions import Interactions
+from recsys_torch.checks import number
 from recsys_torch.errors import ConfigError
 from recsys_torch.models.base import FactorizationModel, Side
 
@@ -47,6 +48,10 @@ class Task:
         """The metrics :meth:`evaluate` reports (segments such as ``cold/...`` aside)."""
         raise NotImplementedError
 
+    def validate(self, model, val: Interactions, train: Interactions, batch_size: int = 65536) -> dict:
+        """The metrics early stopping watches (by default :meth:`evaluate` of the validation part)."""
+        return self.evaluate(model, val, train, batch_size=batch_size)
+
     def config(self) -> dict:
         """The task as a config node (``_target_`` and settings): what rebuilds it for serving."""
         return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}"}
@@ -79,28 +84,35 @@ class RankingTask(Task):
     GPU_REDRAWS = 8
     EVAL_CELLS = 1 << 24  # user x item scores held at once when evaluating (bounded memory)
     # bpr and softmax contrast each positive with sampled negatives; full_softmax with every item
-    # (exact, no sampler: a batch costs batch x catalog scores, so it suits catalogs up to ~1e5 items)
-    LOSSES = ("bpr", "softmax", "full_softmax")
+    # (exact, no sampler: a batch costs batch x catalog scores). user_softmax and gramian are
+    # whole-catalog losses at per-user cost: a batch is a set of users (trainer.batch_size counts users).
+    LOSSES = ("bpr", "softmax", "full_softmax", "user_softmax", "gramian")
+    USER_BATCHED = ("user_softmax", "gramian")
 
-    def __init__(self, threshold: float | None = 4.0, loss: str = "bpr", n_negatives: int = 1,
+    def __init__(self, threshold: float | None = 4.0, loss: str = "gramian", n_negatives: int = 1,
                  sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
-                 monitor: str | None = None, eval_batch_size: int = 1024) -> None:
+                 monitor: str | None = None, eval_batch_size: int = 1024, confidence: float = 1.0,
+                 gramian_weight: float = 0.3, reg: float = 0.015, reg_frequency: float = 1.0,
+                 val_sample: int | None = None) -> None:
         if loss not in self.LOSSES:
             raise ConfigError(f"task.loss must be one of {', '.join(map(repr, self.LOSSES))}, got {loss!r}")
         if sampler not in ("uniform", "popularity"):
             raise ConfigError(f"task.sampler must be 'uniform' or 'popularity', got {sampler!r}")
-        if int(n_negatives) < 1:
-            raise ConfigError(f"task.n_negatives must be at least 1, got {n_negatives}")
-        self.threshold = threshold
+        self.n_negatives = number("task.n_negatives", n_negatives, int, 1)
+        self.threshold = number("task.threshold", threshold, float, allow_none=True)
         self.loss_name = loss
-        self.n_negatives = int(n_negatives)
         self.sampler = sampler
         self.reject_positives = bool(reject_positives)
-        self.ks = sorted(int(k) for k in ks)
-        if not self.ks or self.ks[0] < 1:
+        self.ks = sorted(number("task.ks", k, int, 1) for k in ks)
+        if not self.ks:
             raise ConfigError(f"task.ks must be a list of positive integers, got {list(ks)}")
         self.monitor = monitor or f"ndcg@{self.ks[0]}"
-        self.eval_batch_size = int(eval_batch_size)
+        self.eval_batch_size = number("task.eval_batch_size", eval_batch_size, int, 1)
+        self.confidence = number("task.confidence", confidence, float, above=0)
+        self.gramian_weight = number("task.gramian_weight", gramian_weight, float, above=0)
+        self.reg = number("task.reg", reg, float, 0)
+        self.reg_frequency = number("task.reg_frequency", reg_frequency, float)
+        self.val_sample = number("task.val_sample", val_sample, int, 1, allow_none=True)
 
     def metric_names(self) -> list[str]:
         return [f"{m}@{k}" for k in self.ks for m in metrics.RANKING_METRICS]
@@ -108,7 +120,16 @@ class RankingTask(Task):
     def config(self) -> dict:
         return {**super().config(), "threshold": self.threshold, "loss": self.loss_name,
                 "n_negatives": self.n_negatives, "sampler": self.sampler, "reject_positives": self.reject_positives,
-                "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size}
+                "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size,
+                "confidence": self.confidence, "gramian_weight": self.gramian_weight, "reg": self.reg,
+                "reg_frequency": self.reg_frequency, "val_sample": self.val_sample}
+
+    def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
+        """Positives, one per row; for the user-batched losses the users that have positives, so that
+        a batch is a set of users whose logits (or Gramian terms) are computed once each."""
+        if self.loss_name in self.USER_BATCHED:
+            return (torch.nonzero(self.pos_indptr[1:] > self.pos_indptr[:-1]).squeeze(1),)
+        return super().training_rows(data)
 
     def prepare_data(self, inter: Interactions) -> Interactions:
         """Keep the positives and set every rating to 1."""
@@ -126,9 +147,24 @@ class RankingTask(Task):
             prob = torch.full((self.n_items,), 1.0 / self.n_items, dtype=torch.float64, device=device)
         self.cdf = torch.cumsum(prob, 0).float()
         self.log_q = torch.log(prob.clamp(min=1e-12)).float()
-        keys = train.users.to(device) * self.n_items + train.items.to(device)
-        self.positive_keys = torch.sort(keys).values
+        users, items = train.users.to(device), train.items.to(device)
+        keys = users * self.n_items + items
+        order = torch.argsort(keys)
+        self.positive_keys = keys[order]
         self.all_items = torch.arange(self.n_items, device=device)
+        # each user's positives as CSR (users in code order): the user-batched losses gather from it
+        user_counts = torch.bincount(users, minlength=train.n_users)
+        self.pos_indptr = torch.cat([user_counts.new_zeros(1), torch.cumsum(user_counts, 0)])
+        self.pos_items = items[order]
+        self.pos_weight = train.ratings.to(device)[order].float()
+        self.n_users = train.n_users
+        self.n_active_users = n_active_users = max(int((user_counts > 0).sum()), 1)
+        self.nnz = max(float(self.pos_weight.sum()), 1e-12)
+        # Rendle et al. 2021: an entity's L2 grows with its count plus the all-pairs weight times the other
+        # side's size, to the power reg_frequency (0: the model's own penalty as it is)
+        gw, nu = self.gramian_weight, self.reg_frequency
+        self.user_reg_weight = (user_counts.double() + gw * int((counts > 0).sum())).pow(nu).float()
+        self.item_reg_weight = (counts + gw * n_active_users).pow(nu).float()
 
     def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Per (user, item) pair of equal-shaped tensors: is it a training positive?"""
@@ -165,7 +201,64 @@ class RankingTask(Task):
             rows, cols = rows[still], cols[still]
         return neg
 
-    def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
+    def _positives_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positives of a batch of users: (row in the batch, item, weight) per positive, grouped by
+        row, and the row pointers of that CSR layout."""
+        starts = self.pos_indptr.index_select(0, users)
+        lengths = self.pos_indptr.index_select(0, users + 1) - starts
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), lengths)
+        crow = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+        index = starts.index_select(0, rows) + torch.arange(len(rows), device=users.device) - crow[:-1].index_select(0, rows)
+        return rows, self.pos_items.index_select(0, index), self.pos_weight.index_select(0, index), crow
+
+    def _user_softmax(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
+        """The full softmax with each user's logits computed once: the same loss (and gradient) as
+        ``full_softmax`` over exactly these users' positives, each positive weighing one (times its
+        weight), at the cost of one row of logits per user instead of per positive."""
+        u = model.user_side(users)
+        every = model.item_side(self.all_items)
+        logits = u.bias.unsqueeze(1) + every.bias.unsqueeze(0)  # the global bias cancels in a softmax
+        if u.vector is not None and every.vector is not None:
+            logits = logits + u.vector @ every.vector.T
+        rows, items, weight, _ = self._positives_of(users)
+        loss = losses.user_softmax(logits, rows, items, weight)
+        u_penalty = torch.as_tensor(u.penalty, device=logits.device).expand(len(users)).index_select(0, rows)
+        i_penalty = torch.as_tensor(every.penalty, device=logits.device).expand(self.n_items).index_select(0, items)
+        return loss + ((u_penalty + i_penalty) * weight).sum() / weight.sum()
+
+    def _gramian(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
+        """The iALS objective (Hu et al. 2008; Rendle et al. 2021) by gradient descent, never building
+        the user x item matrix: ``confidence`` x (1 - s)^2 over the positives plus ``gramian_weight`` x s^2
+        over every (user, item) pair, where s = <p_u, q_i>. The all-pairs sum of a user is p_u^T G p_u with
+        G = Q^T Q the d x d Gramian of the item vectors, so a batch costs O(batch x d^2 + items x d^2 +
+        positives x d). Normalized so that an epoch's expected loss is the objective divided by the
+        number of positives. The L2 is this loss's own
+        (``task.reg``, as iALS's regularization belongs to the method): ``reg`` x (count + gramian_weight x
+        the other side's size) ^ reg_frequency x the squared norm of each vector; the model's ``reg``
+        applies to the other losses."""
+        u = model.user_side(users)
+        every = model.item_side(self.all_items)
+        if u.vector is None or every.vector is None:
+            raise ConfigError("task.loss=gramian fits user and item vectors: use a model with embeddings (mf, content, "
+                              "hybrid)")
+        # biases stay out: a user's bias never changes their ranking, and an item bias fitted to this
+        # objective only learns popularity (it lowered validation NDCG)
+        p, q = u.vector, every.vector
+        gram = q.T @ q
+        all_pairs = ((p @ gram) * p).sum()
+        _, items, weight, crow = self._positives_of(users)
+        observed = losses.sparse_squared_error(p.float(), q.float(), crow, items, weight)
+        fit = self.confidence * observed + self.gramian_weight * all_pairs
+        share = len(users) / self.n_active_users  # this batch's share of an epoch (the item L2 is once per epoch)
+        reg = (self.user_reg_weight.index_select(0, users) * p.pow(2).sum(1)).sum()
+        reg = self.reg * (reg + share * (self.item_reg_weight * q.pow(2).sum(1)).sum())
+        return (fit + reg) / (share * self.nnz)
+
+    def loss(self, model: FactorizationModel, users, items=None, ratings=None) -> torch.Tensor:
+        if self.loss_name == "user_softmax":
+            return self._user_softmax(model, users)
+        if self.loss_name == "gramian":
+            return self._gramian(model, users)
         if self.loss_name == "full_softmax":
             return self._full_softmax(model, users, items)
         neg = self.sample(users)
@@ -204,6 +297,16 @@ class RankingTask(Task):
             negative[positives] = False
             return losses.bpr(scores[positives], scores[negative].expand(n, -1)) * n
         return losses.user_softmax(scores.unsqueeze(0), torch.zeros_like(positives), positives) * n
+
+    def validate(self, model, val: Interactions, train: Interactions, batch_size: int | None = None) -> dict:
+        """With ``val_sample``, a fixed seeded sample of that many validation users (the same every
+        epoch; ``n_users`` says how many), so that early stopping stays cheap on large data."""
+        if self.val_sample is not None:
+            users = torch.unique(val.users.cpu())
+            if len(users) > self.val_sample:
+                chosen = users[torch.randperm(len(users), generator=torch.Generator().manual_seed(0))[:self.val_sample]]
+                val = val.subset(torch.isin(val.users.cpu(), chosen))
+        return self.evaluate(model, val, train, batch_size=batch_size)
 
     def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int | None = None) -> dict:
         candidates = train.known_items().cpu()

@@ -111,8 +111,15 @@ def run_meta(cfg: DictConfig) -> dict:
     return meta
 
 
-def _flat_hparams(cfg: DictConfig) -> dict:
+def _flat_hparams(cfg: DictConfig, experiment: "Experiment | None" = None) -> dict:
+    """The run's settings for TensorBoard's HPARAMS table, led by its identity (model, data, split,
+    task, seed), so that runs can be told apart."""
     out = {}
+    if experiment is not None:
+        out["model"] = str(cfg.model._target_).rsplit(".", 1)[-1]
+        out["data"] = experiment.dataset.name
+        out["split"] = str(cfg.split._target_).rsplit(".", 1)[-1]
+        out["task"] = experiment.task.name
     for group in ("model", "trainer", "split", "task"):
         node = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
         for key, value in node.items():
@@ -153,6 +160,37 @@ def _fold_metrics(task: Task, model, split: Split, fit, trained_on: Interactions
         n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
     )
     return metrics
+
+
+def _final_fit(cfg: DictConfig, experiment: Experiment, fold_metrics: list[dict], meta: dict, output_dir: str,
+               result: dict) -> tuple:
+    """One model on every rating of the experiment, for the folds' mean number of epochs (without
+    validation there is nothing to stop early on): what the run saves."""
+    epochs = max(1, round(sum(m["best_epoch"] or cfg.trainer.epochs for m in fold_metrics) / len(fold_metrics)))
+    everything = experiment.interactions
+    torch.manual_seed(experiment.seed)
+    model = model_factory(cfg, experiment.dataset)()
+    trainer = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _partial_=True)(
+        seed=experiment.seed, epochs=epochs, patience=None, refit=False, logger=NullLogger(),
+        checkpoint_path=os.path.join(output_dir, "last-final.pt"), checkpoint_meta=meta)
+    fit = trainer.fit(model, everything, None, experiment.task)
+    _check_finite(model, {}, experiment.task, "final fit")
+    result.update(final_fit_epochs=epochs, final_fit_seconds=fit.fit_seconds, n_final_fit=len(everything))
+    log.info("final fit: %d ratings, %d epochs (the folds' mean), %.1f s", len(everything), epochs, fit.fit_seconds)
+    return model, everything
+
+
+def _warn_about_features(model, dataset: Dataset, split: Split) -> None:
+    """Say so when a model built for features gets none, or a cold split tests what the model cannot score."""
+    if model.wants_features and dataset.item_features is None and dataset.user_features is None:
+        log.warning("%s uses item and user features, and this data set has none: it trains on the ids alone "
+                    "(add data.items=... / data.users=... with their features)", type(model).__name__)
+    if split.name == "cold_item" and not model.scores_unknown_items:
+        log.warning("split=cold_item tests items training never saw, and %s has no item features to score them: "
+                    "they get the global mean plus the user's bias", type(model).__name__)
+    if split.name == "cold_user" and not model.scores_unknown_users:
+        log.warning("split=cold_user tests users training never saw, and %s has no user features to score them: "
+                    "they get the global mean plus the item's bias", type(model).__name__)
 
 
 def _check_finite(model, metrics: dict, task: Task, where: str) -> None:
@@ -199,6 +237,8 @@ def _train(cfg: DictConfig, output_dir: str, need_objective: bool, folder: RunFo
         # resumed run that skips finished folds builds the same models.
         torch.manual_seed(seed + k)
         model = model_factory(cfg, dataset)()
+        if k == 0:
+            _warn_about_features(model, dataset, split)
         logger = _logger_for(cfg, output_dir, fold) if folder is not None else NullLogger()
         # every rank reads it to resume; the trainer lets rank 0 alone write it
         checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
@@ -209,7 +249,7 @@ def _train(cfg: DictConfig, output_dir: str, need_objective: bool, folder: RunFo
         trained_on = split.train.concat(split.val) if fit.refit else split.train
         metrics = _fold_metrics(task, model, split, fit, trained_on)
         _check_finite(model, metrics, task, split.name)
-        logger.hparams(_flat_hparams(cfg), {k2: v for k2, v in metrics.items() if "/" in k2})
+        logger.hparams(_flat_hparams(cfg, experiment), {k2: v for k2, v in metrics.items() if "/" in k2})
         logger.close()
         fold_metrics.append(metrics)
         if first is None:
@@ -217,6 +257,8 @@ def _train(cfg: DictConfig, output_dir: str, need_objective: bool, folder: RunFo
         log.info("%s: %s", split.name, ", ".join(f"{key}={value:.4f}" for key, value in metrics.items()
                                                   if key.startswith("test/") and "@" not in key[5:] or key.endswith("@10")))
     result = aggregate_folds(fold_metrics)
+    if experiment.splits[0].final_fit:  # k-fold: the folds estimated the error; now the model to keep
+        first = _final_fit(cfg, experiment, fold_metrics, meta, output_dir, result)
     result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
     result["total_seconds"] = time.perf_counter() - t_start
     result["optimized_metric"] = target

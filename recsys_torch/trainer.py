@@ -61,7 +61,8 @@ class Trainer:
                  progress: bool = True, eval_batch_size: int = 65536, logger=None,
                  callbacks: list[Callable] | None = None, checkpoint_path: str | None = None, resume: bool = False,
                  checkpoint_meta: dict | None = None, fused: bool | str = "auto", distributed: bool = False,
-                 precision: str = "32", data_on_device: bool = True, shuffle: str = "full", refit: bool = False) -> None:
+                 precision: str = "32", data_on_device: bool = True, shuffle: str = "full", refit: bool = False,
+                 eval_every: int = 1) -> None:
         self.epochs, self.batch_size = number("trainer.epochs", epochs, low=0), number("trainer.batch_size", batch_size, low=1)
         self.lr = number("trainer.lr", lr, float, above=0)
         self.optimizer, self.lr_schedule = optimizer, lr_schedule
@@ -73,6 +74,7 @@ class Trainer:
         self.device, self.seed = resolve_device(device), number("seed", seed, low=0, high=2**63 - 1)
         self.num_threads = number("trainer.num_threads", num_threads, low=1, allow_none=True)
         self.eval_batch_size = number("trainer.eval_batch_size", eval_batch_size, low=1)
+        self.eval_every = number("trainer.eval_every", eval_every, low=1)  # validate every N epochs (and the last)
         self.progress, self.resume, self.refit = bool(progress), bool(resume), bool(refit)
         self.logger, self.callbacks = logger or NullLogger(), list(callbacks or [])
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path and str(checkpoint_path), checkpoint_meta
@@ -151,7 +153,7 @@ class Trainer:
 
     def _validate(self, model, train, val, task, record: dict) -> dict:
         if val is not None:
-            for key, value in task.evaluate(model, val, train, batch_size=self.eval_batch_size).items():
+            for key, value in task.validate(model, val, train, batch_size=self.eval_batch_size).items():
                 record[f"val/{key}"] = value
         return record
 
@@ -205,19 +207,21 @@ class _Run:
             if t.progress and b % 50 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")  # one sync every 50 steps
         bar.close()
+        self.step.end_epoch()
         step_losses = torch.stack(losses).double().cpu()  # one sync per epoch
         state.train_seconds += time.perf_counter() - e0
         record = self.log_epoch(state, step_losses, n, size, epoch)
         for scheduler in self.schedulers:
             scheduler.step()
-        t._validate(self.model, train, val, self.task, record)
+        validate = val is not None and (epoch % t.eval_every == 0 or epoch == epochs)
+        t._validate(self.model, train, val if validate else None, self.task, record)
         for key, value in record.items():
             if key.startswith("val/"):
                 t.logger.scalar(self.tag + key, value, epoch)
         state.history.append(record)
         for callback in t.callbacks:
             callback(t, self.model, epoch, record)
-        if val is not None:
+        if validate:  # patience counts validations
             self.track_best(state, record[f"val/{self.task.monitor}"], epoch, patience)
         state.epoch = epoch
         self.save(state, prior, t0)

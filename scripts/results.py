@@ -38,7 +38,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def run(overrides: list[str], folds: int) -> dict:
     from recsys_torch.train import train
 
-    cfg = cli.compose(overrides + ["split=kfold", f"split.folds={folds}", "logger=none", "trainer.progress=false"])
+    cfg = cli.compose(overrides + ["split=kfold", f"split.folds={folds}", "split.final_fit=false", "logger=none",
+                                   "trainer.progress=false"])
     with tempfile.TemporaryDirectory() as out:
         return train(cfg, out)
 

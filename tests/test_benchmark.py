@@ -232,3 +232,14 @@ def test_each_model_runs_at_each_thread_count_but_surprise_once():
         ("mf", 2), ("mf", 1), ("surprise-svd", 1), ("cornac-mf", 2), ("cornac-mf", 1)]
     again = bench.Spec.from_json(specs[0].to_json())
     assert again == specs[0]
+
+
+def test_our_shipped_rows_run_without_the_peers(tmp_path):
+    """`make benchmark`'s own rows (the models as shipped) run whether or not a peer is installed."""
+    script = _script()
+    entries = script.catalog()
+    _, data = _tiny()
+    rows = bench.run([entries[name].override(epochs=2) for name in ("mf-defaults", "baseline")], [1], data, "tiny",
+                     str(tmp_path), isolate=False)
+    assert [r["name"] for r in rows] == ["mf-defaults", "baseline"]
+    assert all(r["rmse"] is not None and 0.3 < r["rmse"] < 2.0 for r in rows), rows

@@ -98,8 +98,9 @@ def test_kfold_reports_mean_std_and_folds(compose, tmp_path):
     assert sum(f["n_test"] for f in metrics["folds"]) == TINY["n_ratings"]  # each rating tested once
     for fold in range(3):
         assert {"train/loss", "val/rmse"} <= scalar_tags(tmp_path / "tb" / f"fold{fold}")
-    # the checkpoint holds fold 0's model
-    model = model_from_checkpoint(load_checkpoint(str(tmp_path / "checkpoint.pt")))
+    # the checkpoint holds fold 0's model with split.final_fit=false (by default: one trained on everything)
+    train(compose(["split=kfold", "split.folds=3", "split.final_fit=false"]), str(tmp_path / "fold0"))
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path / "fold0" / "checkpoint.pt")))
     split = rebuild_split(cfg, fold=0)
     assert rating_metrics(model, split.test, split.train)["rmse"] == pytest.approx(per_fold[0], rel=1e-12)
 

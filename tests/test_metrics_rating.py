@@ -73,7 +73,8 @@ def test_cold_and_warm_rows_are_scored_apart():
     assert out["warm/rmse"] == pytest.approx(math.sqrt(1 / 2)) and out["warm/mae"] == pytest.approx(0.5)
     assert out["cold/rmse"] == pytest.approx(math.sqrt(8 / 3)) and out["cold/mae"] == pytest.approx(4 / 3)
     assert out["rmse"] == pytest.approx(math.sqrt(9 / 5)) and out["mae"] == pytest.approx(5 / 5)
-    assert set(out) == {"rmse", "mae", "cold/rmse", "cold/mae", "warm/rmse", "warm/mae"}
+    assert set(out) == {"rmse", "mae", "cold/rmse", "cold/mae", "warm/rmse", "warm/mae", "cold/n_ratings",
+                        "warm/n_ratings"}
 
 
 def test_no_cold_keys_without_cold_rows():

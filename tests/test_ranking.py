@@ -281,3 +281,85 @@ def test_ranking_experiment_optimizes_validation_ndcg():
 
     cfg = compose_cfg(["experiment=ranking_ml100k_mf"])
     assert objective(cfg, instantiate(cfg.task)) == "val/ndcg@10"  # the task's own metric, by default
+
+
+# ---- whole-catalog losses at per-user cost ------------------------------------------------------------------
+def _random_positives(n_users=7, n_items=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = sorted({(int(u), int(i)) for u, i in zip(torch.randint(0, n_users, (40,), generator=g),
+                                                     torch.randint(0, n_items, (40,), generator=g))})
+    return inter_of(pairs, n_users, n_items)
+
+
+def _setup(task, inter):
+    task.setup(inter, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return task
+
+
+def test_user_softmax_gives_the_per_positive_full_softmax_gradient():
+    """A batch of users under user_softmax has exactly the loss and gradients of full_softmax over those
+    users' positives (each positive weighs one), whatever the order of the positives."""
+    inter = _random_positives()
+    users = torch.tensor([0, 3, 5, 6])
+    grads = []
+    for loss in ("user_softmax", "full_softmax"):
+        torch.manual_seed(0)
+        model = MFModel(7, 11, embedding_dim=4, reg=0.3, reg_bias=0.1)
+        model.prepare(inter)
+        task = _setup(RankingTask(threshold=None, loss=loss), inter)
+        if loss == "user_softmax":
+            value = task.loss(model, users)
+        else:
+            mine = torch.isin(inter.users, users)
+            perm = torch.randperm(int(mine.sum()), generator=torch.Generator().manual_seed(1))
+            value = task.loss(model, inter.users[mine][perm], inter.items[mine][perm], inter.ratings[mine][perm])
+        value.backward()
+        grads.append((value.detach(), [p.grad.to_dense() for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a, b, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-6)
+    assert len(RankingTask(threshold=None, loss="user_softmax").training_rows.__doc__) > 0
+
+
+def test_the_gramian_loss_equals_the_brute_force_loss_over_every_pair():
+    inter = _random_positives(seed=3)
+    torch.manual_seed(0)
+    model = MFModel(7, 11, embedding_dim=3, reg=0.05, reg_bias=0.0)
+    model.prepare(inter)
+    task = _setup(RankingTask(threshold=None, loss="gramian", confidence=2.5, gramian_weight=0.4, reg=0.05,
+                              reg_frequency=1.0), inter)
+    users = task.training_rows(inter)[0]
+    got = task.loss(model, users)
+    p = model.user_factors.weight.detach()
+    q = model.item_factors.weight.detach() * inter.known_items()[:, None]  # an item training never saw: no vector
+    s = p @ q.T  # every (user, item) pair, materialized
+    observed = torch.zeros(7, 11, dtype=torch.bool)
+    observed[inter.users, inter.items] = True
+    fit = 2.5 * ((1 - s[observed]) ** 2).sum() + 0.4 * (s ** 2)[users].sum()
+    n_u, n_i = inter.user_counts().double(), inter.item_counts().double()
+    active_u, active_i = int((n_u > 0).sum()), int((n_i > 0).sum())
+    reg_u = 0.05 * ((n_u + 0.4 * active_i) * (p.double() ** 2).sum(1))[users].sum()
+    reg_i = 0.05 * ((n_i + 0.4 * active_u) * (q.double() ** 2).sum(1)).sum()
+    want = (fit.double() + reg_u + reg_i) / len(inter)
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+    # a batch of half the users: its expected value over an epoch's batches is the same objective
+    halves = users.split(len(users) // 2 + 1)
+    shares = [len(h) / len(users) for h in halves]
+    assert torch.allclose(sum(sh * task.loss(model, h) for sh, h in zip(shares, halves)).double(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["user_softmax", "gramian"])
+def test_user_batched_losses_learn_to_rank(implicit_split, loss):
+    train, test = implicit_split[1].train, implicit_split[1].test
+    torch.manual_seed(0)
+    model = MFModel(train.n_users, train.n_items, embedding_dim=8, reg=0.01, reg_exponent=0.0)
+    task = RankingTask(threshold=None, loss=loss)
+    result = Trainer(epochs=15, batch_size=16, lr=0.05, patience=None, progress=False, device="cpu").fit(
+        model, train, None, task)
+    losses_ = [r["train/loss"] for r in result.history]
+    assert losses_[-1] < losses_[0]
+    trained = ranking_metrics(model, test, [train], train, (5,))["ndcg@5"]
+    torch.manual_seed(0)
+    untrained = ranking_metrics(MFModel(train.n_users, train.n_items, embedding_dim=8), test, [train], train, (5,))
+    assert trained > untrained["ndcg@5"]

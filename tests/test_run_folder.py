@@ -203,3 +203,65 @@ def test_a_run_folder_records_the_run(tmp_path):
     assert manifest["status"] == "complete" and manifest["run_id"] == metrics["run_id"]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["metrics"]["run_id"] == metrics["run_id"]
     assert not os.path.exists(tmp_path / ".lock")
+
+
+# ---- what a new user trips on --------------------------------------------------------------------------------
+def test_kfold_saves_a_final_model_trained_on_all_the_data(tmp_path):
+    metrics = train(compose_cfg(["split=kfold", "split.folds=3"]), str(tmp_path / "a"))
+    saved = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert metrics["n_final_fit"] == len(saved["train"]["users"]) == metrics["n_train"] + metrics["n_val"] + metrics["n_test"]
+    assert metrics["final_fit_epochs"] >= 1 and "saved model" in __import__("recsys_torch.cli").cli.summary(metrics, "x")
+    fold0 = train(compose_cfg(["split=kfold", "split.folds=3", "split.final_fit=false"]), str(tmp_path / "b"))
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert "n_final_fit" not in fold0 and len(saved["train"]["users"]) == fold0["folds"][0]["n_train"]
+
+
+def test_a_model_built_for_features_says_when_the_data_has_none(tmp_path, caplog):
+    path = tmp_path / "ratings.csv"
+    path.write_text("user,item,rating\n" + "".join(f"{u},{(u * 7 + i) % 30},{1 + (u + i) % 5}\n"
+                                                    for u in range(40) for i in range(12)))
+    with caplog.at_level("WARNING"):
+        train(compose_cfg(["data=csv", f"data.ratings={path}", "model=hybrid", "trainer.epochs=1"]), str(tmp_path / "a"))
+    assert "HybridModel uses item and user features, and this data set has none" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(compose_cfg(["split=cold_item", "trainer.epochs=1"]), str(tmp_path / "b"))
+    assert "split=cold_item tests items training never saw, and MFModel has no item features" in caplog.text
+
+
+def test_the_summary_counts_what_a_segment_covers_and_says_when_nothing_was_fitted():
+    from recsys_torch.cli import summary
+
+    metrics = {"test/rmse": 1.0, "test/cold/rmse": 1.2, "test/cold/n_ratings": 16.0, "test/warm/rmse": 0.9,
+               "test/warm/n_ratings": 9984.0, "n_train": 80000, "n_val": 10000, "n_test": 10000,
+               "n_test_unknown_users": 0, "n_test_unknown_items": 16, "fit_seconds": 0.0004,
+               "train_ratings_per_second": 0.0, "best_epoch": 0}
+    text = summary(metrics, "out")
+    assert "test/cold/rmse               1.2000   (16 ratings of unknown users or items)" in text
+    assert "(no gradient steps: computed from the training counts)" in text and "0.00 M ratings/s" not in text
+    ranked = summary({**metrics, "test/n_users": 857.0, "best_epoch": 3, "train_ratings_per_second": 1e6}, "out")
+    assert "test users ranked            857" in ranked and "857.0000" not in ranked
+
+
+def test_tensorboard_hparams_name_the_run(tmp_path, monkeypatch):
+    from recsys_torch import train as entry
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, log_dir):
+            pass
+
+        def scalar(self, *args):
+            pass
+
+        def hparams(self, hparams, metrics):
+            seen.update(hparams)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(entry, "_logger_for", lambda cfg, out, fold: Recorder(out))
+    train(compose_cfg(["trainer.epochs=1", "task=ranking"]), str(tmp_path))
+    assert {k: seen[k] for k in ("model", "data", "split", "task", "seed")} == {
+        "model": "MFModel", "data": "synthetic", "split": "random_split", "task": "ranking", "seed": 42}

@@ -104,6 +104,7 @@ class FactorizationModel(nn.Module):
         return scores
 
     # ---- what serving needs (recsys_torch.recommend calls these, and nothing else) ---------------
+    wants_features = False  # built to use item / user features (content, hybrid)
     scores_unknown_items = False  # an item unseen in training still gets a vector (from its features)
     scores_unknown_users = False  # a user unseen in training still gets a vector (from user features)
     reg = 0.0  # L2 on the user vector (fold-in uses the training weights)

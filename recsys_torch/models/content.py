@@ -29,6 +29,7 @@ class ContentModel(FactorizationModel):
     """
 
     scores_unknown_items = True
+    wants_features = True
 
     def __init__(
         self,

@@ -94,6 +94,8 @@ class HybridModel(FactorizationModel):
             reg_implicit = number("model.reg_implicit", self.reg if reg_implicit is None else reg_implicit, float, 0)
             self.implicit = ImplicitFeedback(n_users, n_items, d, reg_implicit, init_std=0.01)
 
+    wants_features = True
+
     @property
     def scores_unknown_items(self) -> bool:
         return self.item_tower is not None

@@ -1,0 +1,120 @@
+"""Alternating least squares for the Gramian (iALS) loss: ``trainer.optimizer=als`` with
+``task.loss=gramian`` and ``model=mf``.
+
+The trainer's loop stays the same: each step takes a batch of users and solves their vectors (a few
+conjugate-gradient steps, warm-started from the current ones, as implicit does) against the item
+side; at the end of the epoch every item vector is solved against the users. An epoch is one ALS
+sweep, whatever the batch size. The objective is exactly :meth:`recsys_torch.tasks.RankingTask._gramian`'s, so the
+gradient path (``optimizer=adam``) and this one minimize the same thing; ALS needs far fewer passes.
+
+For a user u the normal equations are
+``(gramian_weight * G + confidence * sum_i w_ui q_i q_i^T + reg_u I) p_u = confidence * sum_i w_ui q_i``
+with ``G = Q^T Q``; the sum over the user's positives is applied through
+``torch.sparse.sampled_addmm`` on the CSR pattern of the positives, never as a dense matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from recsys_torch.errors import ConfigError
+
+CG_STEPS = 3
+
+
+class _NoOptimizer:
+    """What the trainer expects of an optimizer group, for a method that has no learning rate."""
+
+    optimizers: list = []
+    lr = 0.0
+
+    def state_dict(self) -> list:
+        return []
+
+    def load_state_dict(self, states) -> None:
+        pass
+
+
+def _csr(crow, col, values, shape):
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) -> torch.Tensor:
+    """``steps`` conjugate-gradient steps on ``apply(x) = rhs`` for every row at once, from ``x``."""
+    r = rhs - apply(x)
+    p = r.clone()
+    rs = (r * r).sum(1)
+    for _ in range(steps):
+        ap = apply(p)
+        alpha = rs / (p * ap).sum(1).clamp_min(1e-30)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = (r * r).sum(1)
+        p = r + (rs_new / rs.clamp_min(1e-30))[:, None] * p
+        rs = rs_new
+    return x
+
+
+def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS) -> torch.Tensor:
+    """The rows of ``x`` that minimize the Gramian loss with ``other`` fixed; ``pattern`` is the CSR of
+    the rows' positives (values: their weights) over the rows of ``other``, ``reg`` the L2 per row;
+    ``known`` (0/1 per row of ``other``): the rows the all-pairs term covers (those seen in training)."""
+    masked = other if known is None else other * known[:, None]
+    gram = masked.T @ masked
+    rhs = confidence * (pattern @ other)
+    weighted = pattern.values() * confidence
+
+    def apply(v):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = torch.sparse.sampled_addmm(pattern, v, other.T, beta=0.0)
+            scores = _csr(pattern.crow_indices(), pattern.col_indices(), scores.values() * weighted, pattern.shape)
+        return gramian_weight * (v @ gram) + reg[:, None] * v + scores @ other
+
+    return conjugate_gradient(x, rhs, apply, steps)
+
+
+class ALSStep:
+    """The trainer's step for ``optimizer=als``: a batch of users solved, then every item."""
+
+    def __init__(self, model, task, batch_size: int) -> None:
+        from recsys_torch.models.mf import MFModel
+        from recsys_torch.tasks import RankingTask
+
+        if type(model) is not MFModel or not isinstance(task, RankingTask) or task.loss_name != "gramian":
+            raise ConfigError("trainer.optimizer=als solves the Gramian loss of biased MF: use model=mf, "
+                              "task=ranking and task.loss=gramian (or another optimizer)")
+        self.model, self.task = model, task
+        self.rows_per_step = batch_size
+        self.optimizers = _NoOptimizer()
+        n_users, n_items = model.n_users, model.n_items
+        self.user_reg = (task.reg * task.user_reg_weight).float()
+        self.item_reg = (task.reg * task.item_reg_weight).float()
+        # every positive, item-major, for the item solve
+        users = torch.repeat_interleave(torch.arange(n_users, device=task.pos_items.device),
+                                        task.pos_indptr[1:] - task.pos_indptr[:-1])
+        order = torch.argsort(task.pos_items * n_users + users)
+        counts = torch.bincount(task.pos_items, minlength=n_items)
+        crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.by_item = _csr(crow, users[order], task.pos_weight[order], (n_items, n_users))
+
+    @torch.no_grad()
+    def __call__(self, users: torch.Tensor) -> torch.Tensor:
+        """Solve these users against the current items; their loss afterwards."""
+        task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
+        _, items, weight, crow = task._positives_of(users)
+        batch = _csr(crow, items, weight, (len(users), self.model.n_items))
+        p_table[users] = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
+                                    self.user_reg.index_select(0, users), self.model.known_items.float())
+        return task.loss(self.model, users).detach().float()
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """Every user was solved this epoch: now every item, against them."""
+        task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
+        q_table.copy_(solve_rows(q_table, self.by_item, p_table, task.confidence, task.gramian_weight, self.item_reg,
+                                 self.model.known_users.float()))
