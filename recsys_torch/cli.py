@@ -22,7 +22,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from recsys_torch.errors import ConfigError, RecsysError, TrainingInterrupted
+from recsys_torch.errors import ConfigError, TrainingInterrupted, user_error
 
 log = logging.getLogger("recsys_torch")
 
@@ -38,17 +38,6 @@ def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def user_error(exc: BaseException) -> RecsysError | None:
-    """The RecsysError behind ``exc``, if any (Hydra's instantiate wraps what a target raises)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, RecsysError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def instantiation_error(exc: BaseException) -> str | None:

@@ -10,6 +10,17 @@ class RecsysError(Exception):
     """Base class for errors caused by input or configuration, not by a bug."""
 
 
+def user_error(exc: BaseException | None) -> "RecsysError | None":
+    """The RecsysError behind ``exc``, if any (Hydra's instantiate wraps what a target raises)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RecsysError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class DataError(RecsysError):
     """A data file or table is missing, unreadable or malformed."""
 

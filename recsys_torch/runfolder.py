@@ -23,7 +23,7 @@ import socket
 import sys
 import uuid
 
-from recsys_torch.errors import ConfigError, OutputError
+from recsys_torch.errors import ConfigError, OutputError, user_error
 from recsys_torch.io import atomic_json, remove_stale_temporaries
 
 LOCK_NAME = ".lock"
@@ -127,7 +127,8 @@ class RunFolder:
     def __exit__(self, kind, exc, tb) -> bool:
         try:
             if kind is not None and (read_manifest(self.path) or {}).get("status") == "running":
-                reason = str(exc).strip().splitlines()[0][:300] if exc is not None and str(exc).strip() else kind.__name__
+                cause = user_error(exc) or exc  # the user error inside Hydra's wrapping, when there is one
+                reason = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else kind.__name__
                 try:
                     self._write_manifest("failed", error=reason)
                 except OutputError:

@@ -294,10 +294,11 @@ def main(cfg: DictConfig) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _trial(cfg: DictConfig, output_dir: str) -> float:
-    """One trial of a sweep: its objective, or NaN when it failed by a user error (a diverging
+def _trial(cfg: DictConfig, output_dir: str) -> float | None:
+    """One trial of a sweep: its objective, or None when it failed by a user error (a diverging
     learning rate, an impossible setting). The failure is one logged line and ``run.json`` says
-    ``failed``; the sweep goes on (Optuna records the trial as failed, a grid just moves on)."""
+    ``failed``; the sweep goes on (Optuna records the trial as failed, a grid just moves on; Optuna
+    2.x cannot be told NaN)."""
     try:
         metrics = train(cfg, output_dir, need_objective=True)
     except Exception as exc:  # noqa: BLE001 -- a bug still raises below
@@ -305,6 +306,6 @@ def _trial(cfg: DictConfig, output_dir: str) -> float:
         if found is None:
             raise
         log.error("trial failed: %s", found[0])
-        return float("nan")
+        return None
     value = metrics.get(metrics["optimized_metric"])
-    return float(value) if isinstance(value, (int, float)) else float("nan")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

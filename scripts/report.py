@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""Summarize a run or a sweep folder: report.md (trials ranked by the objective, with the searched
-parameters and metrics), curves.png and params.png, and the best trial as a command line.
+"""Summarize a sweep or a single run.
+
+A sweep folder: report.md (trials ranked by the objective, with the searched parameters and metrics),
+curves.png and params.png, and the best trial as a command line. A run folder: report.md with the
+headline metrics, learning.png (loss and validation per epoch, early stopping marked) and errors.png
+(rating runs: test RMSE by user activity and item popularity) or popularity.png (ranking runs: what
+gets recommended against the catalog, coverage).
 
     python scripts/report.py multirun/2025-01-01/12-00-00
     python scripts/report.py multirun/... --save-experiment mf_tuned   # configs/experiment/mf_tuned.yaml
+    python scripts/report.py outputs/2025-01-01/12-00-00               # one run
 """
 
 import argparse
@@ -47,16 +53,16 @@ def experiment_path(name: str, force: bool) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     saved = experiment_path(args.save_experiment, args.force) if args.save_experiment else None
-    sweep = report.load(args.dir, args.objective)
     with open(os.path.join(CONFIG_DIR, "train.yaml")) as fh:
         defaults = report.default_choices(yaml.safe_load(fh).get("defaults"))
+    if report.is_run_folder(args.dir):
+        return run_main(args, saved, defaults)
+    sweep = report.load(args.dir, args.objective)
     best = sweep.best
     run_command = report.command(best, defaults)
     written = report.write_report(sweep, args.out or args.dir, run_command, args.top)
     if saved:
-        os.makedirs(os.path.dirname(saved), exist_ok=True)
-        with open(saved, "w") as fh:
-            fh.write(report.experiment_yaml(sweep, best, defaults))
+        save(saved, report.experiment_yaml(sweep, best, defaults))
     print(report.table(sweep, limit=args.top))
     print(f"\nbudget: {report.budget_line(sweep)}")
     print("wrote " + ", ".join(written.values()))
@@ -65,6 +71,31 @@ def main(argv=None) -> int:
     print(f"\nbest: trial {best.name}, {sweep.objective} = {best.value(sweep.objective):.4f} ({sweep.direction})")
     print(run_command)
     return 0
+
+
+def run_main(args, saved, defaults) -> int:
+    """One run: its report (metrics, learning curves, where the errors are or what is recommended)."""
+    run = report.load_run(args.dir)
+    command = report.command(run.trial, defaults) if run.trial.overrides or run.trial.hydra else None
+    written = report.write_run_report(run, args.out or args.dir, command)
+    if saved:
+        sweep = report.load(args.dir, args.objective)
+        save(saved, report.experiment_yaml(sweep, sweep.best, defaults))
+    print("\n".join(f"{metric:<20} test {test:<18} val {val}" for metric, test, val in report.headline_metrics(run)))
+    for note in run.notes:
+        print(f"note: {note}")
+    print("wrote " + ", ".join(written.values()))
+    if saved:
+        print(f"saved {saved}: python scripts/train.py experiment={args.save_experiment}")
+    if command:
+        print(command)
+    return 0
+
+
+def save(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Re-running a sweep's command with the same ``hydra.sweep.dir`` resumes it: the s
 its database, ``hydra.sweeper.n_trials`` counts the trials already finished, new trial folders get
 new numbers (the Optuna trial numbers) instead of overwriting old ones, and ``budget.json`` adds a
 session. Optuna is imported only when a sweep actually uses a database.
+
+The console of such a sweep (``configs/hydra/{hydra,job}_logging/sweep.yaml``) shows one line per trial
+(its number, objective or failure, searched values), then the best trial, the folder and the report
+command; each trial's ``train.log`` keeps its full log.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
+import shlex
 import time
+import warnings
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from recsys_torch.io import atomic_json
+from recsys_torch.runfolder import complete_metrics, read_manifest
+from recsys_torch.tools.report import direction_of, scalar, split_override
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,46 @@ BUDGET_FILE = "budget.json"
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 _trial_offset = 0
+# What the entry point logs (at ERROR) when a user error ends a trial; the recorder's line says it.
+TRIAL_FAILED = "trial failed: "
+# Warnings a sweep's console has shown already: each is shown once per sweep, not once per trial.
+_shown: set = set()
+
+
+class _FailureListener(logging.Handler):
+    """Hears the reason the entry point logs when a user error ends a trial (``trial failed: ...``,
+    as the error path words it: better than the bare exception that ``run.json`` keeps)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reason: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(TRIAL_FAILED):
+            self.reason = message[len(TRIAL_FAILED):]
+
+
+class ConsoleFilter(logging.Filter):
+    """The console of a trial in a quiet sweep (``configs/hydra/job_logging/sweep.yaml``): warnings
+    and errors, each distinct one once per sweep, except the error a failed trial ends with (the
+    recorder's line for the trial gives it); INFO only from the ``loud`` loggers (downloads)."""
+
+    def __init__(self, loud=()) -> None:
+        super().__init__()
+        self.loud = tuple(loud)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return any(record.name == name or record.name.startswith(name + ".") for name in self.loud)
+        message = record.getMessage()
+        if record.levelno == logging.ERROR and message.startswith(TRIAL_FAILED):
+            return False
+        key = (record.name, record.levelno, message)
+        if key in _shown:
+            return False
+        _shown.add(key)
+        return True
 
 
 def trial_dir(job_num) -> str:
@@ -118,11 +167,16 @@ def study_trial_states(sweeper_cfg: DictConfig) -> list[str] | None:
 
 def config_values_in_space(config: DictConfig) -> dict:
     """The composed config's own values of the searched parameters (the shipped defaults plus any
-    fixed overrides), keeping those the search space contains."""
+    fixed overrides), keeping those the search space contains. The space is the sweeper's: the
+    config's ``params``, then the command line (``'model.reg=interval(0.5, 2)'`` replaces a range,
+    ``model.reg=1`` fixes it)."""
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
-    params = config.hydra.sweeper.get("params") or {}
-    distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    params += [str(o) for o in config.hydra.overrides.get("task") or []]
+    distributions, fixed = create_params_from_overrides(params)
+    for name in fixed:
+        distributions.pop(name, None)
     out = {}
     for name, distribution in distributions.items():
         value = OmegaConf.select(config, name.lstrip("+"), default=None)
@@ -144,7 +198,12 @@ def enqueue_config_values(config: DictConfig) -> dict | None:
     for trial in study.get_trials(deepcopy=False):
         if all(trial.params.get(k) == v for k, v in values.items()) and trial.state.name != "FAIL":
             return None
-    study.enqueue_trial(values)
+    with warnings.catch_warnings():  # the one experimental Optuna feature we use, and what it calls
+        from optuna.exceptions import ExperimentalWarning
+
+        warnings.filterwarnings("ignore", r"(enqueue_trial|create_trial|add_trial) is experimental",
+                                ExperimentalWarning)
+        study.enqueue_trial(values)
     return values
 
 
@@ -155,6 +214,39 @@ def _next_free_number(sweep_dir: str) -> int:
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _short(value: str) -> str:
+    """An override value for the console: floats to four significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
+
+
+def _same(a: str, b: str) -> bool:
+    """Two override values that mean the same (``false`` and ``False``, ``1e-3`` and ``0.001``)."""
+    try:
+        return scalar(a) == scalar(b)
+    except Exception:  # noqa: BLE001 -- not YAML: compare the text
+        return a == b
+
+
+def _is_budget(record) -> bool:
+    """What :meth:`SweepRecorder._write` adds up: trials with their seconds, sessions with theirs."""
+    def numbers(items, key):
+        return isinstance(items, list) and all(
+            isinstance(x, dict) and isinstance(x.get(key), (int, float)) and not isinstance(x.get(key), bool)
+            for x in items)
+
+    return isinstance(record, dict) and numbers(record.get("trials"), "seconds") and \
+        numbers(record.get("sessions"), "wall_seconds")
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 class SweepRecorder(Callback):
@@ -169,14 +261,23 @@ class SweepRecorder(Callback):
         self.filename = filename
         self.try_config_values = try_config_values
         self.path: str | None = None
+        self.sweep_dir = ""
         self.record: dict = {}
         self.session: dict = {}
         self._t0 = self._job_t0 = 0.0
+        self._fixed: dict[str, str] = {}  # the command line's overrides: what a trial changes was searched
+        self._queued: dict | None = None  # the config's own values, queued as this session's first trial
+        self._width = 1                   # of the trial numbers, to align the console lines
+        self._listener: _FailureListener | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = str(config.hydra.sweep.dir)
+        sweep_dir = self.sweep_dir = str(config.hydra.sweep.dir)
         os.makedirs(sweep_dir, exist_ok=True)
+        _shown.clear()
+        self._fixed = dict(split_override(str(o)) for o in config.hydra.overrides.get("task") or [])
         self.path = os.path.join(sweep_dir, self.filename)
+        if config.hydra.sweeper.get("storage") is not None:
+            self._quiet_optuna(config)
         self.record = self._load() or {
             "objective": config.get("optimized_metric"),
             "direction": str(config.hydra.sweeper.get("direction", "")) or None,
@@ -187,20 +288,41 @@ class SweepRecorder(Callback):
         requested = config.hydra.sweeper.get("n_trials")
         finished = sum(s in FINISHED_STATES for s in states or [])
         self._number_trials_on(config, len(states or []))
+        self._width = len(str(_trial_offset + max(int(requested or 1), 1) - 1))
+        objective = self.record.get("objective") or "the objective"
+        direction = self.record.get("direction") or ""
         if states is not None and requested is not None:
             self._resume(config.hydra.sweeper, len(states), max(int(requested) - finished, 0))
             if states:
                 log.info("resuming study %s: %d of %d trials finished, running %d more",
                          config.hydra.sweeper.study_name, finished, requested, config.hydra.sweeper.n_trials)
+            else:
+                log.info("study %s: %s trial%s, %s %s, in %s", config.hydra.sweeper.study_name, requested,
+                         "" if requested == 1 else "s", direction, objective, sweep_dir)
             if self.try_config_values and config.hydra.sweeper.n_trials > 0:
-                queued = enqueue_config_values(config)
-                if queued:
-                    log.info("next trial: the config's own values %s", queued)
+                self._queued = enqueue_config_values(config)
+                if self._queued:
+                    log.debug("next trial: the config's own values %s", self._queued)
+        elif self.record.get("objective"):
+            log.info("sweep in %s: %s", sweep_dir, objective)
+        else:
+            log.info("sweep in %s", sweep_dir)
         self.session = {"started": _now(), "ended": None, "n_trials_requested": requested,
                         "n_trials_finished_before": finished, "n_trials_run": 0, "wall_seconds": 0.0}
         self.record["sessions"].append(self.session)
         self._t0 = time.perf_counter()
         self._write()
+
+    @staticmethod
+    def _quiet_optuna(config: DictConfig) -> None:
+        """Optuna installs its own colored console handler when first imported: apply Hydra's logging
+        config again, so that it decides what Optuna prints too (``hydra_logging/sweep.yaml``:
+        warnings only, no color codes)."""
+        import optuna  # noqa: F401
+
+        from hydra.core.utils import configure_log
+
+        configure_log(config.hydra.hydra_logging, config.hydra.get("verbose", False))
 
     @staticmethod
     def _number_trials_on(config: DictConfig, n_existing: int) -> None:
@@ -223,31 +345,107 @@ class SweepRecorder(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         self._job_t0 = time.perf_counter()
+        # after Hydra configured the job's logging, which would drop a handler added before
+        self._listener = _FailureListener()
+        logging.getLogger("recsys_torch").addHandler(self._listener)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         if self.path is None:  # a single run (no -m): nothing to record
             return
-        completed = job_return.status == JobStatus.COMPLETED
-        value = job_return.return_value if completed else None
-        self.record["trials"].append({
-            "dir": os.path.relpath(str(config.hydra.runtime.output_dir), os.path.dirname(self.path)),
+        output_dir = str(config.hydra.runtime.output_dir)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            logging.getLogger("recsys_torch").removeHandler(listener)
+        value, error = None, None
+        if job_return.status == JobStatus.COMPLETED:
+            value = job_return.return_value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                # a trial a user error ended returns no objective, or NaN; the Optuna sweeper records
+                # None as a failed trial but crashes on being told NaN
+                error = (listener.reason if listener is not None else None) or \
+                    (read_manifest(output_dir) or {}).get("error") or f"the trial returned {value!r}, no objective"
+                value = job_return.return_value = None
+        else:  # the trial raised something that is not a user error (a bug): its traceback, then the line
+            exc = job_return._return_value
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, BaseException):
+                logging.getLogger("recsys_torch.trial").error("the trial in %s raised:", output_dir,
+                                                              exc_info=(type(exc), exc, exc.__traceback__))
+        trial = {
+            "dir": os.path.relpath(output_dir, os.path.dirname(self.path)),
             "overrides": list(job_return.overrides or []),
-            "status": job_return.status.name,
-            "objective": float(value) if isinstance(value, (int, float)) else None,
+            "status": "COMPLETED" if error is None else "FAILED",
+            "objective": float(value) if value is not None else None,
             "seconds": round(time.perf_counter() - self._job_t0, 3),
-        })
+        }
+        if error is not None:
+            trial["error"] = _first_line(error, 300)
+        if not self.record.get("objective"):  # a grid without optimized_metric: the task's own
+            named = (complete_metrics(output_dir) or {}).get("optimized_metric")
+            if isinstance(named, str):
+                self.record["objective"] = named
+        self.record["trials"].append(trial)
         self.session["n_trials_run"] += 1
         self._write()
+        log.info("%s", self.trial_line(trial, first=self.session["n_trials_run"] == 1))
+
+    def trial_line(self, trial: dict, first: bool = False) -> str:
+        """``trial 3  val/rmse 0.9041  2.1 s  trainer.lr=0.002 model.reg=1.383 ...``; a failed trial
+        has ``failed`` in the objective's column and ``failed: <reason>`` at the end."""
+        objective = self.record.get("objective") or "objective"
+        params = " ".join(f"{k}={_short(v)}" for k, v in map(split_override, trial["overrides"])
+                          if k not in self._fixed or not _same(self._fixed[k], v))
+        column = f"{objective} {trial['objective']:.4f}" if trial["objective"] is not None else "failed"
+        notes = []
+        if trial["objective"] is None:
+            notes.append(f"failed: {trial.get('error', 'no objective')}")
+        elif self._best() is trial and len(self._finished()) > 1:
+            notes.append("best so far")
+        if first and self._queued:
+            notes.append("the config's own values")
+        return (f"trial {trial['dir']:>{self._width}}  {column:<{len(objective) + 7}}  {trial['seconds']:5.1f} s  "
+                f"{params}" + "".join(f"  ({note})" for note in notes))
+
+    def _finished(self) -> list[dict]:
+        return [t for t in self.record.get("trials", []) if isinstance(t.get("objective"), (int, float))]
+
+    def _best(self) -> dict | None:
+        finished = self._finished()
+        if not finished:
+            return None
+        direction = self.record.get("direction") or direction_of(self.record.get("objective") or "")
+        return (min if direction == "minimize" else max)(finished, key=lambda t: t["objective"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.session["ended"] = _now()
         self._write()
+        best = self._best()
+        trials = self.record["trials"]
+        done = f"{len(self._finished())} of {len(trials)} trials completed, {self.record['trial_seconds']:.0f} s"
+        if best is None:
+            log.info("no trial completed (%s): see train.log in the trial folders", done)
+        else:
+            log.info("best: trial %s, %s = %.4f (%s)", best["dir"], self.record.get("objective") or "objective",
+                     best["objective"], done)
+        log.info("sweep folder: %s", self.sweep_dir)
+        log.info("report: python scripts/report.py %s", shlex.quote(self.sweep_dir))
 
     def _load(self) -> dict | None:
+        """The budget of earlier sessions; an unreadable one is set aside as ``budget.json.bad`` and the
+        record starts over (the study itself, in optuna.db, is not affected)."""
         if not os.path.exists(self.path):
             return None
-        with open(self.path) as fh:
-            return json.load(fh)
+        try:
+            with open(self.path) as fh:
+                record = json.load(fh)
+            if _is_budget(record):
+                return record
+            reason = "not a budget record"
+        except (OSError, ValueError) as exc:
+            reason = _first_line(exc)
+        os.replace(self.path, self.path + ".bad")
+        log.warning("%s is unreadable (%s): kept as %s.bad, the budget starts over", self.path, reason, self.filename)
+        return None
 
     def _write(self) -> None:
         self.session["wall_seconds"] = round(time.perf_counter() - self._t0, 3)
