@@ -159,7 +159,7 @@ def supports(model, task, optimizer: str, device: torch.device) -> bool:
     from recsys_torch.models.mf import MFModel
     from recsys_torch.tasks import RatingTask
 
-    return (type(model) is MFModel and type(task) is RatingTask and optimizer in ("sgd", "adam")
+    return (type(model) is MFModel and type(task) is RatingTask and not task.weighted and optimizer in ("sgd", "adam")
             and device.type == "cpu" and model.user_factors.weight.dtype == torch.float32)
 
 

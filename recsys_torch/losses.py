@@ -8,19 +8,28 @@ import torch
 import torch.nn.functional as F
 
 
-def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of predicted ratings."""
-    return F.mse_loss(pred, target)
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``values`` ``[B]``, each counted ``weight`` times (a weight of 2 is the row twice)."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
-def bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+def mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of predicted ratings (weighted by ``weight`` per row)."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    return weighted_mean((pred - target).pow(2), weight)
+
+
+def bpr(pos: torch.Tensor, neg: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Bayesian personalized ranking: ``pos`` ``[B]``, ``neg`` ``[B, n_neg]``;
-    mean of ``-log sigmoid(pos - neg)`` over every (positive, negative) pair."""
-    return -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
+    mean of ``-log sigmoid(pos - neg)`` over every (positive, negative) pair (positives weighted)."""
+    return weighted_mean(-F.logsigmoid(pos.unsqueeze(1) - neg).mean(1), weight)
 
 
 def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tensor | None = None,
-                    log_q_neg: torch.Tensor | None = None) -> torch.Tensor:
+                    log_q_neg: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax cross-entropy of each positive against its sampled negatives.
 
     With ``log_q_*`` (log sampling probability of each item) the logits get the log-Q correction
@@ -31,13 +40,18 @@ def sampled_softmax(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tenso
     if log_q_neg is not None:
         neg = neg - log_q_neg
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+    zeros = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
+    if weight is None:
+        return F.cross_entropy(logits, zeros)
+    return weighted_mean(F.cross_entropy(logits, zeros, reduction="none"), weight)
 
 
-def full_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def full_softmax(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax cross-entropy over the whole catalog: ``logits`` ``[B, n_items]``, ``targets`` ``[B]``
     the positive item of each row."""
-    return F.cross_entropy(logits, targets)
+    if weight is None:
+        return F.cross_entropy(logits, targets)
+    return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight)
 
 
 def user_softmax(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,

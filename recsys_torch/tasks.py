@@ -4,6 +4,8 @@ full-ranking metrics at K)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from recsys_torch import losses, metrics
@@ -11,6 +13,12 @@ from recsys_torch.data.interactions import Interactions
 from recsys_torch.checks import number
 from recsys_torch.errors import ConfigError
 from recsys_torch.models.base import FactorizationModel, Side
+
+
+def _rows(penalty, n: int, device) -> torch.Tensor:
+    """A per-example penalty as a ``[n]`` tensor (models without penalties give the float 0.0)."""
+    return torch.as_tensor(penalty, device=device).expand(n) if not torch.is_tensor(penalty) or penalty.dim() == 0 \
+        else penalty
 
 
 def pair_scores(model: FactorizationModel, u: Side, i: Side) -> torch.Tensor:
@@ -32,17 +40,31 @@ class Task:
     implicit = False  # the training rows are positives to rank, not ratings to predict
     threshold = None  # ratings at or above it are positives (ranking tasks)
     loss_name = "mse"
+    time_decay = None  # half-life in days of an interaction's weight (None: no decay)
+    weighted = False  # whether the training rows carry weights (set by setup)
 
     def prepare_data(self, inter: Interactions) -> Interactions:
-        return inter
+        return self.decayed(inter)
+
+    def decayed(self, inter: Interactions) -> Interactions:
+        """With ``time_decay`` (days), each row's weight times 0.5 ** (age / time_decay), its age counted
+        from the latest interaction of the data."""
+        if self.time_decay is None:
+            return inter
+        if inter.timestamps is None:
+            raise ConfigError("task.time_decay down-weights old interactions, and these ratings have no timestamps")
+        age_days = (inter.timestamps.max() - inter.timestamps).double() / 86400.0
+        decay = torch.pow(0.5, age_days / self.time_decay).float()
+        return replace(inter, weights=inter.row_weights() * decay)
 
     def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
-        pass
+        self.weighted = train.weights is not None
 
     def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
         """The tensors an epoch shuffles and slices into batches for :meth:`loss` (the first holds
-        the user of each row)."""
-        return data.users, data.items, data.ratings
+        the user of each row; weighted data adds each row's weight)."""
+        rows = (data.users, data.items, data.ratings)
+        return rows + (data.weights,) if data.weights is not None else rows
 
     def metric_names(self) -> list[str]:
         """The metrics :meth:`evaluate` reports (segments such as ``cold/...`` aside)."""
@@ -62,12 +84,23 @@ class RatingTask(Task):
 
     name = "rating"
 
+    def __init__(self, time_decay: float | None = None) -> None:
+        self.time_decay = number("task.time_decay", time_decay, float, above=0, allow_none=True)
+
+    def config(self) -> dict:
+        return {**super().config(), "time_decay": self.time_decay}
+
     def metric_names(self) -> list[str]:
         return ["rmse", "mae"]
 
-    def loss(self, model: FactorizationModel, users, items, ratings) -> torch.Tensor:
+    def loss(self, model: FactorizationModel, users, items, ratings, weights=None) -> torch.Tensor:
+        """MSE plus the L2 penalty of the rows used, both per example and weighted by ``weights``."""
         scores, penalty = model.score_with_penalty(users, items)
-        return losses.mse(scores, ratings) + torch.as_tensor(penalty).mean()
+        loss = losses.mse(scores, ratings, weights) + losses.weighted_mean(_rows(penalty, len(users), scores.device),
+                                                                           weights)
+        for weight, other in model.auxiliary_scores(users, items):
+            loss = loss + weight * losses.mse(other, ratings, weights)
+        return loss
 
     def evaluate(self, model, data: Interactions, train: Interactions, exclude=(), batch_size: int = 65536) -> dict:
         return metrics.rating_metrics(model, data, train, batch_size)
@@ -93,7 +126,7 @@ class RankingTask(Task):
                  sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
                  monitor: str | None = None, eval_batch_size: int = 1024, confidence: float = 1.0,
                  gramian_weight: float = 0.3, reg: float = 0.015, reg_frequency: float = 1.0,
-                 val_sample: int | None = None) -> None:
+                 val_sample: int | None = None, time_decay: float | None = None) -> None:
         if loss not in self.LOSSES:
             raise ConfigError(f"task.loss must be one of {', '.join(map(repr, self.LOSSES))}, got {loss!r}")
         if sampler not in ("uniform", "popularity"):
@@ -113,6 +146,7 @@ class RankingTask(Task):
         self.reg = number("task.reg", reg, float, 0)
         self.reg_frequency = number("task.reg_frequency", reg_frequency, float)
         self.val_sample = number("task.val_sample", val_sample, int, 1, allow_none=True)
+        self.time_decay = number("task.time_decay", time_decay, float, above=0, allow_none=True)
 
     def metric_names(self) -> list[str]:
         return [f"{m}@{k}" for k in self.ks for m in metrics.RANKING_METRICS]
@@ -122,7 +156,7 @@ class RankingTask(Task):
                 "n_negatives": self.n_negatives, "sampler": self.sampler, "reject_positives": self.reject_positives,
                 "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size,
                 "confidence": self.confidence, "gramian_weight": self.gramian_weight, "reg": self.reg,
-                "reg_frequency": self.reg_frequency, "val_sample": self.val_sample}
+                "reg_frequency": self.reg_frequency, "val_sample": self.val_sample, "time_decay": self.time_decay}
 
     def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
         """Positives, one per row; for the user-batched losses the users that have positives, so that
@@ -132,12 +166,14 @@ class RankingTask(Task):
         return super().training_rows(data)
 
     def prepare_data(self, inter: Interactions) -> Interactions:
-        """Keep the positives and set every rating to 1."""
+        """Keep the positives and set every rating to 1 (weights and their time decay stay)."""
+        inter = self.decayed(inter)
         if self.threshold is not None:
             inter = inter.subset(inter.ratings >= float(self.threshold))
         return inter.__class__(**{**inter.__dict__, "ratings": torch.ones(len(inter))})
 
     def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
+        super().setup(train, device, generator)
         self.n_items = train.n_items
         self.generator = generator
         counts = train.item_counts().to(device).double()
@@ -156,7 +192,7 @@ class RankingTask(Task):
         user_counts = torch.bincount(users, minlength=train.n_users)
         self.pos_indptr = torch.cat([user_counts.new_zeros(1), torch.cumsum(user_counts, 0)])
         self.pos_items = items[order]
-        self.pos_weight = train.ratings.to(device)[order].float()
+        self.pos_weight = train.row_weights().to(device)[order].float()
         self.n_users = train.n_users
         self.n_active_users = n_active_users = max(int((user_counts > 0).sum()), 1)
         self.nnz = max(float(self.pos_weight.sum()), 1e-12)
@@ -254,13 +290,13 @@ class RankingTask(Task):
         reg = self.reg * (reg + share * (self.item_reg_weight * q.pow(2).sum(1)).sum())
         return (fit + reg) / (share * self.nnz)
 
-    def loss(self, model: FactorizationModel, users, items=None, ratings=None) -> torch.Tensor:
+    def loss(self, model: FactorizationModel, users, items=None, ratings=None, weights=None) -> torch.Tensor:
         if self.loss_name == "user_softmax":
             return self._user_softmax(model, users)
         if self.loss_name == "gramian":
             return self._gramian(model, users)
         if self.loss_name == "full_softmax":
-            return self._full_softmax(model, users, items)
+            return self._full_softmax(model, users, items, weights)
         neg = self.sample(users)
         u = model.user_side(users)
         p = model.item_side(items)
@@ -269,14 +305,15 @@ class RankingTask(Task):
                  torch.as_tensor(n.penalty).reshape(-1))
         pos_s, neg_s = pair_scores(model, u, p), pair_scores(model, u, n)
         if self.loss_name == "bpr":
-            loss = losses.bpr(pos_s, neg_s)
+            loss = losses.bpr(pos_s, neg_s, weights)
         else:
-            loss = losses.sampled_softmax(pos_s, neg_s, self.log_q[items], self.log_q[neg])
-        penalty = torch.as_tensor(u.penalty).mean() + torch.as_tensor(p.penalty).mean()
-        penalty = penalty + torch.as_tensor(n.penalty).mean() * self.n_negatives
-        return loss + penalty
+            loss = losses.sampled_softmax(pos_s, neg_s, self.log_q[items], self.log_q[neg], weights)
+        b, device = len(users), pos_s.device
+        penalty = _rows(u.penalty, b, device) + _rows(p.penalty, b, device)
+        penalty = penalty + _rows(n.penalty, neg.numel(), device).view(neg.shape).sum(1)
+        return loss + losses.weighted_mean(penalty, weights)
 
-    def _full_softmax(self, model: FactorizationModel, users, items) -> torch.Tensor:
+    def _full_softmax(self, model: FactorizationModel, users, items, weights=None) -> torch.Tensor:
         """Cross-entropy of each positive against the whole catalog; the L2 penalty covers the rows
         the batch's pairs use, as for the sampled losses' positives."""
         u = model.user_side(users)
@@ -284,9 +321,10 @@ class RankingTask(Task):
         logits = u.bias.unsqueeze(1) + every.bias.unsqueeze(0)  # the global bias cancels in a softmax
         if u.vector is not None and every.vector is not None:
             logits = logits + u.vector @ every.vector.T
-        loss = losses.full_softmax(logits, items)
-        p_penalty = every.penalty if isinstance(every.penalty, float) else every.penalty.index_select(0, items)
-        return loss + torch.as_tensor(u.penalty).mean() + torch.as_tensor(p_penalty).mean()
+        loss = losses.full_softmax(logits, items, weights)
+        b, device = len(users), logits.device
+        penalty = _rows(u.penalty, b, device) + _rows(every.penalty, self.n_items, device).index_select(0, items)
+        return loss + losses.weighted_mean(penalty, weights)
 
     def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """A new user's training loss against every candidate item (``scores`` ``[n]``; ``positives``

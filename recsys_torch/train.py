@@ -10,48 +10,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_torch import cli
-from recsys_torch.checkpoint import save_checkpoint
 from recsys_torch.checks import number
 from recsys_torch.data.dataset import Dataset, encode
-from recsys_torch.data.interactions import Interactions
-from recsys_torch.errors import ConfigError, TrainingError
-from recsys_torch.io import atomic_json
+from recsys_torch.errors import ConfigError
+from recsys_torch.experiment import Experiment, run
 from recsys_torch.loggers import NullLogger
-from recsys_torch.metrics import aggregate_folds, unknown_counts
-from recsys_torch.recommend import INDEX_NAME, write_index
-from recsys_torch.runfolder import METRICS_NAME, RunFolder
-from recsys_torch.splits import Split
+from recsys_torch.runfolder import RunFolder
 from recsys_torch.tasks import Task
 
 log = logging.getLogger("recsys_torch")
 
 CONFIG_DIR = cli.CONFIG_DIR
-CHECKPOINT_NAME = "checkpoint.pt"
 # Settings that change neither the numbers nor the saved state: a run may resume with other values.
 RESUME_FREE_KEYS = {"trainer": ("resume", "progress", "num_threads", "eval_batch_size"), "logger": None,
                     "overwrite": None}
-
-
-@dataclass
-class Experiment:
-    """What a config describes, built once: the encoded data, the task, the task's view of the
-    interactions (a ranking task keeps the positives) and the splits of that view."""
-
-    dataset: Dataset
-    task: Task
-    interactions: Interactions
-    splits: list[Split]
-    seed: int
 
 
 def load_data(cfg: DictConfig) -> Dataset:
@@ -136,74 +115,6 @@ def _logger_for(cfg: DictConfig, output_dir: str, fold: str | None):
     return instantiate(cfg.logger, log_dir=log_dir)
 
 
-def _below_threshold(task: Task, inter: Interactions) -> Interactions | None:
-    """A ranking run's ratings under its positive threshold: no training rows, yet items the users
-    have seen, so recommend leaves them out too."""
-    if task.threshold is None:
-        return None
-    return inter.subset(inter.ratings < float(task.threshold))
-
-
-def _fold_metrics(task: Task, model, split: Split, fit, trained_on: Interactions) -> dict:
-    """``trained_on`` is ``split.train``, or train + val after a refit: its items are masked when
-    ranking and it decides which test users and items count as unknown (cold)."""
-    metrics = dict(fit.val_metrics)
-    exclude = [] if trained_on is not split.train else [split.val]
-    for key, value in task.evaluate(model, split.test, trained_on, exclude=exclude).items():
-        metrics[f"test/{key}"] = value
-    unknown = unknown_counts(trained_on, split.test)
-    metrics.update(
-        fit_seconds=fit.fit_seconds,
-        train_ratings_per_second=fit.train_ratings_per_second,
-        best_epoch=fit.best_epoch,
-        n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-        n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
-    )
-    return metrics
-
-
-def _final_fit(cfg: DictConfig, experiment: Experiment, fold_metrics: list[dict], meta: dict, output_dir: str,
-               result: dict) -> tuple:
-    """One model on every rating of the experiment, for the folds' mean number of epochs (without
-    validation there is nothing to stop early on): what the run saves."""
-    epochs = max(1, round(sum(m["best_epoch"] or cfg.trainer.epochs for m in fold_metrics) / len(fold_metrics)))
-    everything = experiment.interactions
-    torch.manual_seed(experiment.seed)
-    model = model_factory(cfg, experiment.dataset)()
-    trainer = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _partial_=True)(
-        seed=experiment.seed, epochs=epochs, patience=None, refit=False, logger=NullLogger(),
-        checkpoint_path=os.path.join(output_dir, "last-final.pt"), checkpoint_meta=meta)
-    fit = trainer.fit(model, everything, None, experiment.task)
-    _check_finite(model, {}, experiment.task, "final fit")
-    result.update(final_fit_epochs=epochs, final_fit_seconds=fit.fit_seconds, n_final_fit=len(everything))
-    log.info("final fit: %d ratings, %d epochs (the folds' mean), %.1f s", len(everything), epochs, fit.fit_seconds)
-    return model, everything
-
-
-def _warn_about_features(model, dataset: Dataset, split: Split) -> None:
-    """Say so when a model built for features gets none, or a cold split tests what the model cannot score."""
-    if model.wants_features and dataset.item_features is None and dataset.user_features is None:
-        log.warning("%s uses item and user features, and this data set has none: it trains on the ids alone "
-                    "(add data.items=... / data.users=... with their features)", type(model).__name__)
-    if split.name == "cold_item" and not model.scores_unknown_items:
-        log.warning("split=cold_item tests items training never saw, and %s has no item features to score them: "
-                    "they get the global mean plus the user's bias", type(model).__name__)
-    if split.name == "cold_user" and not model.scores_unknown_users:
-        log.warning("split=cold_user tests users training never saw, and %s has no user features to score them: "
-                    "they get the global mean plus the item's bias", type(model).__name__)
-
-
-def _check_finite(model, metrics: dict, task: Task, where: str) -> None:
-    """A model or a headline metric that is not a finite number is a failed run, never a result."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise TrainingError(f"{where}: the trained model's {name} is not finite: lower trainer.lr or raise the "
-                                "regularization")
-    value = metrics.get(f"test/{task.monitor}")
-    if isinstance(value, float) and not math.isfinite(value) and metrics.get("n_test"):
-        raise TrainingError(f"{where}: test/{task.monitor} is {value}: the model's predictions are not finite")
-
-
 def train(cfg: DictConfig, output_dir: str | None = None, need_objective: bool = False) -> dict:
     """Run one experiment as configured; write ``metrics.json``, ``checkpoint.pt``,
     ``recommend.npz`` and TensorBoard events into ``output_dir``; return the metrics.
@@ -222,56 +133,22 @@ def train(cfg: DictConfig, output_dir: str | None = None, need_objective: bool =
 
 
 def _train(cfg: DictConfig, output_dir: str, need_objective: bool, folder: RunFolder | None) -> dict:
-    t_start = time.perf_counter()
     experiment = build(cfg)
-    task, dataset, seed = experiment.task, experiment.dataset, experiment.seed
-    target = objective(cfg, task)
+    target = objective(cfg, experiment.task)
     if need_objective and any(len(split.val) == 0 for split in experiment.splits):
         raise ConfigError(f"a sweep optimizes {target}, and this split leaves no validation ratings: give "
                           "split.val > 0")
     meta = run_meta(cfg)
-    fold_metrics, first = [], None
-    for k, split in enumerate(experiment.splits):
-        fold = split.name if len(experiment.splits) > 1 else None
-        # Each fold's initial weights come from its own seed, not from what earlier folds drew, so a
-        # resumed run that skips finished folds builds the same models.
-        torch.manual_seed(seed + k)
-        model = model_factory(cfg, dataset)()
-        if k == 0:
-            _warn_about_features(model, dataset, split)
-        logger = _logger_for(cfg, output_dir, fold) if folder is not None else NullLogger()
-        # every rank reads it to resume; the trainer lets rank 0 alone write it
-        checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")
-        # partial: Hydra would try to instantiate the _target_ entries inside the meta dict
-        trainer = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _partial_=True)(
-            seed=seed + k, logger=logger, checkpoint_path=checkpoint, checkpoint_meta=meta)
-        fit = trainer.fit(model, split.train, split.val, task)
-        trained_on = split.train.concat(split.val) if fit.refit else split.train
-        metrics = _fold_metrics(task, model, split, fit, trained_on)
-        _check_finite(model, metrics, task, split.name)
-        logger.hparams(_flat_hparams(cfg, experiment), {k2: v for k2, v in metrics.items() if "/" in k2})
-        logger.close()
-        fold_metrics.append(metrics)
-        if first is None:
-            first = (model, trained_on)
-        log.info("%s: %s", split.name, ", ".join(f"{key}={value:.4f}" for key, value in metrics.items()
-                                                  if key.startswith("test/") and "@" not in key[5:] or key.endswith("@10")))
-    result = aggregate_folds(fold_metrics)
-    if experiment.splits[0].final_fit:  # k-fold: the folds estimated the error; now the model to keep
-        first = _final_fit(cfg, experiment, fold_metrics, meta, output_dir, result)
-    result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
-    result["total_seconds"] = time.perf_counter() - t_start
-    result["optimized_metric"] = target
-    if folder is not None:
-        model, trained_on = first
-        result["run_id"] = folder.run_id
-        path = os.path.join(output_dir, CHECKPOINT_NAME)
-        state = save_checkpoint(path, model, OmegaConf.to_container(cfg, resolve=True), dataset, trained_on, result,
-                                seen=_below_threshold(task, dataset.interactions))
-        write_index(path, state, model, task)
-        atomic_json(os.path.join(output_dir, METRICS_NAME), result)
-        folder.finish([CHECKPOINT_NAME, INDEX_NAME, METRICS_NAME])
-    return result
+    trainer_settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+
+    def make_trainer(**settings):
+        # partial, then called: Hydra would try to instantiate the _target_ entries inside the meta dict
+        return instantiate(trainer_settings, _partial_=True)(checkpoint_meta=meta, **settings)
+
+    return run(experiment, model_factory(cfg, experiment.dataset), make_trainer, output_dir,
+               OmegaConf.to_container(cfg, resolve=True), folder,
+               make_logger=lambda fold: _logger_for(cfg, output_dir, fold), hparams=_flat_hparams(cfg, experiment),
+               extra={"optimized_metric": target})
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

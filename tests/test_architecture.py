@@ -25,7 +25,8 @@ from recsys_torch.tasks import RankingTask, RatingTask
 
 PACKAGE = REPO / "recsys_torch"
 # the entry layer (and the workshop below it) may use these; the core may not
-ENTRY = {"recsys_torch.train", "recsys_torch.cli"}
+# the entry layer; the package itself only re-exports the Python API, imported on first use
+ENTRY = {"recsys_torch.train", "recsys_torch.cli", "recsys_torch.api", "recsys_torch"}
 WORKSHOP_ONLY = ("hydra", "omegaconf", "optuna", "matplotlib", "surprise", "cornac", "implicit", "lightfm")
 
 
@@ -35,14 +36,19 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside functions."""
+    """Every module a file imports, at the top or inside functions (``from pkg import module`` counts
+    as importing the module: the package's own ``__init__`` imports nothing eagerly)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+            names = {f"{node.module}.{alias.name}" for alias in node.names}
+            submodules = {n for n in names if (REPO / (n.replace(".", "/") + ".py")).exists()
+                          or (REPO / n.replace(".", "/") / "__init__.py").exists()}
+            out.update(names)
+            if submodules != names:  # a name defined in the module itself
+                out.add(node.module)
     return out
 
 

@@ -104,7 +104,7 @@ def test_an_unfinished_state_beside_an_older_result_is_never_deleted_unasked(tmp
 
 
 def test_a_failed_rerun_never_leaves_an_old_result_that_looks_like_its_own(tmp_path, monkeypatch):
-    from recsys_torch import train as entry
+    from recsys_torch import experiment
 
     train(compose_cfg(["trainer.epochs=1"]), str(tmp_path))
     assert complete_metrics(str(tmp_path)) is not None
@@ -117,7 +117,7 @@ def test_a_failed_rerun_never_leaves_an_old_result_that_looks_like_its_own(tmp_p
     def killed(path, data):  # killed between checkpoint.pt and metrics.json
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(entry, "atomic_json", killed)
+    monkeypatch.setattr(experiment, "atomic_json", killed)
     with pytest.raises(KeyboardInterrupt):
         train(compose_cfg(["trainer.epochs=1", "seed=7"]), str(tmp_path))
     monkeypatch.undo()

@@ -105,6 +105,14 @@ def _check_ratings(ratings: pd.DataFrame, scale: tuple[float, float] | None, nam
             # pandas 3 may pick a microsecond (not nanosecond) unit: divide by a timedelta, not 10**9
             ts = (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
         ratings = ratings.assign(timestamp=ts.astype(np.int64))
+    if "weight" in ratings.columns:  # float32 like every loss that uses it; negative weights mean nothing
+        weight = pd.to_numeric(ratings["weight"], errors="coerce")
+        bad = weight.isna() | ~np.isfinite(weight.to_numpy(dtype=np.float32, na_value=np.nan)) | (weight < 0)
+        if bad.any():
+            first = ratings.index[bad.to_numpy()][0]
+            raise DataError(f"{name}: {int(bad.sum())} weight(s) are not finite numbers >= 0 "
+                            f"(first at row {first}: {_shown(ratings['weight'].loc[first])})")
+        ratings = ratings.assign(weight=weight.astype(np.float64))
     return ratings
 
 
@@ -125,6 +133,8 @@ def _drop_duplicates(ratings: pd.DataFrame, policy: str, name: str) -> tuple[pd.
         agg = {"rating": "mean"}
         if "timestamp" in ratings.columns:
             agg["timestamp"] = "max"
+        if "weight" in ratings.columns:
+            agg["weight"] = "sum"  # the repeats of a pair count together
         ratings = ratings.groupby(["user", "item"], sort=False, as_index=False).agg(agg)
     else:
         if "timestamp" in ratings.columns:
@@ -180,6 +190,9 @@ def encode(raw: RawDataset, duplicates: str | None = None) -> Dataset:
     timestamps = None
     if "timestamp" in ratings.columns:
         timestamps = torch.from_numpy(ratings["timestamp"].to_numpy(dtype=np.int64, copy=True))
+    weights = None
+    if "weight" in ratings.columns:
+        weights = torch.from_numpy(ratings["weight"].to_numpy(dtype=np.float32, copy=True))
     inter = Interactions(
         users=torch.from_numpy(user_codes),
         items=torch.from_numpy(item_codes),
@@ -190,6 +203,7 @@ def encode(raw: RawDataset, duplicates: str | None = None) -> Dataset:
         user_ids=user_ids,
         item_ids=item_ids,
         rating_scale=(float(scale[0]), float(scale[1])),
+        weights=weights,
     )
     report = {"n_duplicates_dropped": n_dup}
 

@@ -26,13 +26,16 @@ class Interactions:
     user_ids: np.ndarray | None = None  # code -> raw id
     item_ids: np.ndarray | None = None
     rating_scale: tuple[float, float] | None = None
+    weights: torch.Tensor | None = None  # float32: how much each row counts in the losses (None: 1)
 
     def __post_init__(self) -> None:
         n = len(self.users)
         if len(self.items) != n or len(self.ratings) != n:
             raise ValueError("users, items and ratings must have the same length")
-        if self.timestamps is not None and len(self.timestamps) != n:
-            raise ValueError("timestamps must have the same length as ratings")
+        for name in ("timestamps", "weights"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                raise ValueError(f"{name} must have the same length as ratings")
 
     def __len__(self) -> int:
         return len(self.users)
@@ -49,20 +52,28 @@ class Interactions:
             items=self.items.index_select(0, index),
             ratings=self.ratings.index_select(0, index),
             timestamps=None if self.timestamps is None else self.timestamps.index_select(0, index),
+            weights=None if self.weights is None else self.weights.index_select(0, index),
         )
 
     def concat(self, other: "Interactions") -> "Interactions":
         """Rows of both parts (same id space)."""
-        ts = None
+        ts = weights = None
         if self.timestamps is not None and other.timestamps is not None:
             ts = torch.cat([self.timestamps, other.timestamps])
+        if self.weights is not None or other.weights is not None:
+            weights = torch.cat([self.row_weights(), other.row_weights()])
         return replace(
             self,
             users=torch.cat([self.users, other.users]),
             items=torch.cat([self.items, other.items]),
             ratings=torch.cat([self.ratings, other.ratings]),
             timestamps=ts,
+            weights=weights,
         )
+
+    def row_weights(self) -> torch.Tensor:
+        """Each row's weight (1 where the data has none)."""
+        return self.weights if self.weights is not None else torch.ones(len(self), device=self.ratings.device)
 
     def to(self, device: torch.device | str) -> "Interactions":
         def move(t):
@@ -74,19 +85,22 @@ class Interactions:
             items=move(self.items),
             ratings=move(self.ratings),
             timestamps=move(self.timestamps),
+            weights=move(self.weights),
         )
 
     def pin_memory(self) -> "Interactions":
         """On the CPU in page-locked memory, for asynchronous copies to a GPU batch by batch."""
-        return replace(self.to("cpu"), users=self.users.cpu().pin_memory(), items=self.items.cpu().pin_memory(),
-                       ratings=self.ratings.cpu().pin_memory())
+        data = self.to("cpu")
+        return replace(data, users=data.users.pin_memory(), items=data.items.pin_memory(),
+                       ratings=data.ratings.pin_memory(),
+                       weights=None if data.weights is None else data.weights.pin_memory())
 
     def fingerprint(self) -> str:
         """A hash of the rows (users, items, ratings, timestamps): equal for the same data only."""
         import hashlib
 
         digest = hashlib.blake2b(digest_size=12)
-        for t in (self.users, self.items, self.ratings, self.timestamps):
+        for t in (self.users, self.items, self.ratings, self.timestamps, self.weights):
             if t is not None:
                 digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         digest.update(f"{self.n_users},{self.n_items}".encode())

@@ -10,7 +10,7 @@ import pandas as pd
 
 from recsys_torch.errors import DataError
 
-RATING_COLUMNS = ("user", "item", "rating", "timestamp")
+RATING_COLUMNS = ("user", "item", "rating", "timestamp", "weight")
 
 #: The largest finite float32: ratings and dense features are float32, so larger values are infinite.
 FLOAT32_MAX = float(np.finfo(np.float32).max)

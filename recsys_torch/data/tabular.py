@@ -13,7 +13,7 @@ import pandas as pd
 from recsys_torch.data.raw import RawDataset, check_rating_scale
 from recsys_torch.errors import DataError
 
-DEFAULT_COLUMNS = {"user": "user", "item": "item", "rating": "rating", "timestamp": None}
+DEFAULT_COLUMNS = {"user": "user", "item": "item", "rating": "rating", "timestamp": None, "weight": None}
 
 
 def read_table(path: str | os.PathLike, sep: str | None = None, what: str = "ratings",
@@ -176,7 +176,7 @@ def csv(
     mapping.update({k: v for k, v in (columns or {}).items()})
     unknown = set(mapping) - set(DEFAULT_COLUMNS)
     if unknown:
-        raise DataError(f"data.columns has unknown key(s) {sorted(unknown)}; use user, item, rating, timestamp")
+        raise DataError(f"data.columns has unknown key(s) {sorted(unknown)}; use user, item, rating, timestamp, weight")
     frame = read_table(ratings, sep, "ratings", _id_names(mapping))
     picked = _pick(frame, mapping, ratings, "ratings")
 

@@ -28,10 +28,14 @@ class HybridModel(FactorizationModel):
     with no features at all this is biased MF (plus SVD++ with ``implicit``). An id unseen in training
     has its id vector and id bias masked: it is scored from its features.
 
-    ``user_id_dropout`` / ``item_id_dropout`` (both ``id_dropout`` unless set): during training, each
-    example's user (item) id part is dropped, as if the id were unseen, with this probability, so the
-    feature towers also learn to score on their own, as they must for cold users (items)
-    (DropoutNet). A dropped user also loses its SVD++ term: a new user has no rating history either.
+    ``id_prior`` (count-aware fusion): the id part of an entity with ``n`` training ratings weighs
+    ``n / (n + id_prior)``, so a rarely seen id leans on its features and a new one (``n = 0``) uses them
+    alone; 0 gives every known id its full weight. ``user_id_dropout`` / ``item_id_dropout`` (both
+    ``id_dropout`` unless set): during training, each example's user (item) id part is dropped, as if
+    the id were unseen, with this probability (times ``id_prior / (n + id_prior)`` when ``id_prior`` is
+    set: rare ids are dropped most, as they are the most like new ones), so the feature towers also
+    learn to score on their own, as they must for cold users (items) (DropoutNet). A dropped user also
+    loses its SVD++ term: a new user has no rating history either.
 
     ``reg`` weighs the squared norms of the id rows used (times ``count ** -reg_exponent``),
     ``reg_bias`` the id biases, ``reg_features`` the feature towers, ``reg_implicit`` the ``y_j`` rows.
@@ -61,8 +65,15 @@ class HybridModel(FactorizationModel):
         init_std: float = 0.1,
         bias_init_damping: float | None = None,
         reg_exponent: float = 0.0,
+        id_prior: float = 0.0,
+        feature_alone: float = 0.0,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
+        self.id_prior = number("model.id_prior", id_prior, float, 0)
+        self.feature_alone = number("model.feature_alone", feature_alone, float, 0)
+        # training ratings per id (set by prepare; saved with the weights)
+        self.register_buffer("user_count", self.known_users.float())
+        self.register_buffer("item_count", self.known_items.float())
         item_features, user_features = as_features(item_features), as_features(user_features)
         self.embedding_dim = d = number("model.embedding_dim", embedding_dim, int, 1)
         self.reg = number("model.reg", reg, float, 0)
@@ -122,9 +133,19 @@ class HybridModel(FactorizationModel):
             vector = vector + self.implicit.y.weight[items.to(device)].sum(0) / math.sqrt(len(items))
         return Side(vector, bias, 0.0)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before id_prior: every known id at full weight, as it was trained
+        for side in ("user", "item"):
+            if prefix + f"{side}_count" not in state_dict and prefix + f"known_{side}s" in state_dict:
+                state_dict[prefix + f"{side}_count"] = state_dict[prefix + f"known_{side}s"].float() * 1e30
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def prepare(self, train: Interactions) -> None:
         super().prepare(train)
+        device = self.user_count.device
+        self.user_count.copy_(train.user_counts().to(device).float())
+        self.item_count.copy_(train.item_counts().to(device).float())
         if self.implicit is not None:
             self.implicit.set_items(train.users, train.items)
         if self.bias_init_damping is not None:
@@ -132,11 +153,18 @@ class HybridModel(FactorizationModel):
             self.user_bias.weight.copy_(b_u.unsqueeze(1))
             self.item_bias.weight.copy_(b_i.unsqueeze(1))
 
-    def _id_weight(self, known: torch.Tensor, ids: torch.Tensor, dropout: float) -> torch.Tensor:
-        """0/1 per example: is the id part used? Unknown ids never; known ones but for id dropout."""
+    def _id_weight(self, known: torch.Tensor, count: torch.Tensor, ids: torch.Tensor, dropout: float) -> torch.Tensor:
+        """The weight of each example's id part: 0 for an id unseen in training, ``n / (n + id_prior)``
+        for one seen ``n`` times (1 without a prior), and 0 when id dropout drops it."""
         k = self._known(known, ids)
+        rare = None
+        if self.id_prior > 0:
+            n = count.index_select(0, ids)
+            k = k * n / (n + self.id_prior)
+            rare = self.id_prior / (n + self.id_prior)
         if self.training and dropout > 0:
-            k = k * (torch.rand(k.shape, device=k.device) >= dropout).to(k.dtype)
+            p = dropout if rare is None else dropout * rare
+            k = k * (torch.rand(k.shape, device=k.device) >= p).to(k.dtype)
         return k
 
     def _side(self, side: str, ids, k, factors, biases, tower, fusion) -> Side:
@@ -150,8 +178,20 @@ class HybridModel(FactorizationModel):
         vector, bias = fusion(v, b, f, fb, k)
         return Side(vector, bias, penalty + fp)
 
+    def auxiliary_scores(self, users: torch.Tensor, items: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        """With ``feature_alone``: the pairs scored by the feature towers alone (as for a new user and a
+        new item), fitted too with that weight, so the towers learn to stand alone and not only the
+        residual the ids leave."""
+        if not (self.training and self.feature_alone > 0) or (self.user_tower is None and self.item_tower is None):
+            return []
+        zero_u, zero_i = users.new_zeros(users.shape, dtype=self.global_bias.dtype), items.new_zeros(
+            items.shape, dtype=self.global_bias.dtype)
+        u = self._side("user", users, zero_u, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
+        i = self._side("item", items, zero_i, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)
+        return [(self.feature_alone, self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1))]
+
     def user_side(self, users: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_users, users, self.user_id_dropout)
+        k = self._id_weight(self.known_users, self.user_count, users, self.user_id_dropout)
         s = self._side("user", users, k, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
         if self.implicit is None:
             return s
@@ -159,5 +199,5 @@ class HybridModel(FactorizationModel):
         return Side(s.vector + y * k.unsqueeze(-1), s.bias, s.penalty + yp * k)
 
     def item_side(self, items: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_items, items, self.item_id_dropout)
+        k = self._id_weight(self.known_items, self.item_count, items, self.item_id_dropout)
         return self._side("item", items, k, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)

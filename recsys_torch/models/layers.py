@@ -106,9 +106,12 @@ class FeatureTower(nn.Module):
         return total
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The entities ``ids`` of the data the tower was built on."""
-        dense = self.dense.index_select(0, ids) if self.numeric is not None else None
-        return self.encode(self.index.index_select(0, ids), self.weight.index_select(0, ids), dense)
+        """The entities ``ids`` of the data the tower was built on, each distinct entity encoded once
+        (a batch of ratings names the same item many times; the gradient of the copies adds up the same)."""
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        dense = self.dense.index_select(0, uniq) if self.numeric is not None else None
+        vector, bias, penalty = self.encode(self.index.index_select(0, uniq), self.weight.index_select(0, uniq), dense)
+        return vector.index_select(0, inverse), bias.index_select(0, inverse), penalty.index_select(0, inverse)
 
     def encode(self, index: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
