@@ -2,8 +2,7 @@
 
     python scripts/cold_start_table.py [--seeds 42,43,44,45,46] [--out FILE] [override ...]
 
-Each cell runs ``model=<model>`` on the scenario's split (plus the few :data:`SETTINGS` of that
-cell) once per seed, in this process
+Each cell runs ``model=<model>`` as shipped on the scenario's split once per seed, in this process
 (``recsys_torch.train.train`` on a ``hydra.compose``d config), and shows the mean and standard deviation
 over the seeds; the seed also draws the split, so every model of a column sees the same splits.
 Scenarios: ``cold_item`` and ``cold_user`` (``test/cold/rmse``: the test part holds only new items or
@@ -36,17 +35,9 @@ SCENARIOS = (  # (experiment prefix, metric, column title)
 )
 QUIET = ["logger=none", "trainer.progress=false", "trainer.num_threads=1"]
 SPLITS = {"cold_item": "split=cold_item", "cold_user": "split=cold_user", "cold_warm": "split=random"}
-# settings a model gets in one scenario only (every other cell runs the model as shipped)
-SETTINGS = {
-    ("cold_item", "hybrid"): ["model.item_id_dropout=0.6", "model.bias_init_damping=5.0"],
-    ("cold_user", "content"): ["model.user_tower=features", "model.bias_init_damping=5.0"],
-    ("cold_user", "hybrid"): ["model.user_id_dropout=0.5", "model.bias_init_damping=5.0"],
-}
-
 
 def run_cell(prefix: str, model: str, metric: str, seed: int, overrides: list[str]) -> float:
-    cfg = cli.compose([f"model={model}", SPLITS[prefix], *SETTINGS.get((prefix, model), []), f"seed={seed}",
-                       *QUIET, *overrides])
+    cfg = cli.compose([f"model={model}", SPLITS[prefix], f"seed={seed}", *QUIET, *overrides])
     with tempfile.TemporaryDirectory(prefix="cold_start_table-") as out:
         metrics = train(cfg, out)
     # a random split may hold no rating of an unseen id, and then no warm/cold segment
@@ -93,7 +84,7 @@ def markdown(results: dict[tuple[str, str], list[float]], seeds: list[int], over
     lines += [
         "",
         f"RMSE, mean ± std over seeds {', '.join(map(str, seeds))} (each seed draws the split and the "
-        "initialization; bold: best mean). Settings: the shipped models, plus `SETTINGS` in scripts/cold_start_table.py.",
+        "initialization; bold: best mean). Every model as shipped (`configs/model/`), no per-split settings.",
         f"Regenerate: `python scripts/cold_start_table.py --seeds {','.join(map(str, seeds))}{extra}`.",
     ]
     return "\n".join(lines) + "\n"
