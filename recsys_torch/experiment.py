@@ -137,6 +137,7 @@ def run(experiment: Experiment, make_model: Callable, make_trainer: Callable, ou
         first = final_fit(experiment, make_model, make_trainer, per_fold, output_dir, result, trainer.epochs)
     result.update(dataset.report)  # rows the data had to drop: n_duplicates_dropped, ...
     result["total_seconds"] = time.perf_counter() - t_start
+    result["num_threads"] = torch.get_num_threads()
     result.update(extra or {})
     if folder is not None:
         model, trained_on = first

@@ -233,7 +233,7 @@ class FusedStep:
         self.kernel = FusedMF(model, optimizer, lr, online=batch_size == 1 and optimizer == "sgd")
         self.optimizers = OptimizerGroup([self.kernel])
         self.rows_per_step = ONLINE_CHUNK if self.kernel.online else batch_size
-        self.num_threads = num_threads
+        self.num_threads = num_threads if isinstance(num_threads, int) else None  # auto: as set by the trainer
 
     def __call__(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
         loss = self.kernel.fused_step(users, items, ratings, self.num_threads or torch.get_num_threads())

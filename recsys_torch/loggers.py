@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 
+FINAL_PREFIX = "zz_final/"  # the final metrics of a run, in TensorBoard
+
+
 class NullLogger:
     def scalar(self, tag: str, value: float, step: int) -> None:
         pass
@@ -31,8 +34,10 @@ class TensorBoardLogger(NullLogger):
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        # own tags: under the curves' names (val/rmse) the final value would add a point at step 0
-        finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        # Own tags, for the HPARAMS table: under the curves' names (val/rmse) the final value would add a
+        # point at step 0; and TensorBoard lists tag groups alphabetically, so "zz_final/" keeps these
+        # single points below the real curves (train/, val/, lr) instead of above them.
+        finite = {f"{FINAL_PREFIX}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         # run_name="." keeps the hparams summary in this folder rather than a timestamped child
         self.writer.add_hparams(clean, finite, run_name=".")
 

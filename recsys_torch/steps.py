@@ -57,7 +57,7 @@ class AutogradStep:
 
 
 def build_step(model, task, optimizer: str, lr: float, batch_size: int, device: torch.device,
-               fused: bool | str = "auto", world_size: int = 1, precision: str = "32", num_threads: int | None = None):
+               fused: bool | str = "auto", world_size: int = 1, precision: str = "32", num_threads=None):
     """The step the trainer runs: the compiled kernel when it computes exactly this step (``fused``
     ``auto`` or ``true``; ``true`` refuses to fall back), else :class:`AutogradStep`."""
     if optimizer == "auto":  # ALS where it solves the loss exactly (biased MF, Gramian loss), else Adam

@@ -42,6 +42,7 @@ class Task:
     loss_name = "mse"
     time_decay = None  # half-life in days of an interaction's weight (None: no decay)
     weighted = False  # whether the training rows carry weights (set by setup)
+    wide_steps = False  # a step's work grows with the catalog (worth several threads)
 
     def prepare_data(self, inter: Interactions) -> Interactions:
         return self.decayed(inter)
@@ -157,6 +158,10 @@ class RankingTask(Task):
                 "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size,
                 "confidence": self.confidence, "gramian_weight": self.gramian_weight, "reg": self.reg,
                 "reg_frequency": self.reg_frequency, "val_sample": self.val_sample, "time_decay": self.time_decay}
+
+    @property
+    def wide_steps(self) -> bool:
+        return self.loss_name in (*self.USER_BATCHED, "full_softmax")
 
     def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
         """Positives, one per row; for the user-batched losses the users that have positives, so that

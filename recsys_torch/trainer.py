@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -72,7 +73,10 @@ class Trainer:
         self.patience = None if patience is None or patience <= 0 else patience
         self.min_delta = number("trainer.min_delta", min_delta, float)
         self.device, self.seed = resolve_device(device), number("seed", seed, low=0, high=2**63 - 1)
-        self.num_threads = number("trainer.num_threads", num_threads, low=1, allow_none=True)
+        # auto: one thread for steps too small to share (a rating batch), every core for the wide ones
+        # (a whole-catalog loss): more threads than the work needs spin and slow down under load
+        self.num_threads = num_threads if num_threads == "auto" else number("trainer.num_threads", num_threads, low=1,
+                                                                              allow_none=True)
         self.eval_batch_size = number("trainer.eval_batch_size", eval_batch_size, low=1)
         self.eval_every = number("trainer.eval_every", eval_every, low=1)  # validate every N epochs (and the last)
         self.progress, self.resume, self.refit = bool(progress), bool(resume), bool(refit)
@@ -92,7 +96,9 @@ class Trainer:
 
     def fit(self, model, train: Interactions, val: Interactions | None = None, task=None) -> FitResult:
         task = task or RatingTask()
-        if self.num_threads:
+        if self.num_threads == "auto":
+            torch.set_num_threads((os.cpu_count() or 1) if task.wide_steps else 1)
+        elif self.num_threads:
             torch.set_num_threads(self.num_threads)
         if self.distributed:
             from recsys_torch import distributed

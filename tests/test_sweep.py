@@ -125,14 +125,19 @@ def test_tensorboard_sees_every_trial_with_curves_and_hparams(optuna_sweep):
     for name in ("0", "1", "2"):
         run_name = os.path.join(name, "tb")
         epochs = [e.step for e in mux.Scalars(run_name, "val/rmse")]
-        assert epochs == [1, 2]  # the final metrics live under hparam/ tags, not as a step-0 point
+        assert epochs == [1, 2]  # the final metrics live under their own tags, not as a step-0 point
         content = mux.PluginRunToTagToContent("hparams")[run_name]
         data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         hparams = {k: v.number_value or v.string_value for k, v in data.session_start_info.hparams.items()}
         for key, value in trial_params(sweep_dir / name).items():
             assert hparams[key] == pytest.approx(float(value))
         metrics = read_json(sweep_dir / name / "metrics.json")
-        assert mux.Scalars(run_name, "hparam/test/rmse")[-1].value == pytest.approx(metrics["test/rmse"], rel=1e-6)
+        assert mux.Scalars(run_name, "zz_final/test/rmse")[-1].value == pytest.approx(metrics["test/rmse"], rel=1e-6)
+        # tag groups are listed alphabetically: the single points come after every curve
+        groups = sorted({tag.split("/")[0] for tag in mux.GetAccumulator(run_name).Tags()["scalars"]})
+        assert groups[-1] == "zz_final" and {"train", "val", "lr"} <= set(groups)
+        # the run's identity names it in the HPARAMS table
+        assert {"model", "data", "split", "task", "seed"} <= set(hparams)
 
 
 @needs_optuna
