@@ -21,7 +21,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Write ``path`` whole or not at all. A full disk or a folder that cannot be written is an
     :class:`OutputError` naming the file (the old file, if any, is left as it was)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -88,20 +88,20 @@ def json_safe(value):
 
 def atomic_json(path: str, data: dict) -> None:
     text = json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n"
-    _atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def atomic_npz(path: str, arrays: dict) -> None:
     """numpy arrays into one ``.npz`` file (loadable with ``allow_pickle=False``)."""
     import numpy as np
 
-    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def atomic_torch_save(path: str, obj: dict) -> None:
     import torch
 
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def safe_torch_load(path: str, map_location="cpu"):

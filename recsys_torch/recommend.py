@@ -14,6 +14,11 @@ query itself. The model and task are rebuilt from ``checkpoint.pt`` only when a 
 fold-in of a ranking run (L-BFGS on the task's loss), user features, or the SVD++ term. A run without
 a current ``recommend.npz`` (an older run, or one whose checkpoint was replaced) is served from the
 checkpoint, with the same results.
+
+:meth:`Recommender.recommend_all` gives every user's top-N a block of users at a time, the same
+items, order and scores as one query per user. An optional search index (:class:`ItemIndex`, e.g.
+:class:`recsys_torch.ann.FaissIndex`) can propose the candidates of a user or item query instead of
+scoring the whole catalog; they are scored exactly all the same.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +39,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 INDEX_NAME = "recommend.npz"
 INDEX_FORMAT = 2
 N_REASONS = 2  # liked items named per recommendation
+NO_TRAINING_ROWS = ("this run saved no training interactions, so it cannot tell what a user rated: pass "
+                    "exclude_rated=false")
 
 
 @dataclass
@@ -59,6 +68,32 @@ class UserVector:
     liked: np.ndarray  # item codes to explain recommendations with
 
 
+@dataclass
+class TopN:
+    """The top items of a block of users (:meth:`Recommender.recommend_all`), one row per (user,
+    rank): best first within each user, equal scores in item-code order, rated items left out."""
+
+    users: np.ndarray  # int64 user code of each row
+    ranks: np.ndarray  # int32, 1 = best
+    items: np.ndarray  # int64 item code
+    scores: np.ndarray  # float32, the model's score (the same number recommend() gives)
+    n_users: int  # users of the block, scored or skipped (for progress)
+    skipped: int  # users of the block that cannot be scored (no training data, no user features)
+    short: int  # users with fewer than k items left to recommend (they get all of them)
+
+
+class ItemIndex(Protocol):
+    """A search index over the recommendable items (see :mod:`recsys_torch.ann`): it proposes
+    candidates, which are then scored exactly, so only recall depends on it."""
+
+    def user_hits(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        """``[m, n]`` item codes with (about) the highest ``<vector, q_i> + b_i`` per row of
+        ``vectors``; -1 where it found fewer."""
+
+    def similar_hits(self, codes: np.ndarray, n: int) -> np.ndarray:
+        """``[m, n]`` item codes with (about) the highest cosine to each item of ``codes``; -1 pads."""
+
+
 def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings as one UTF-8 byte array and offsets (exact for any text, unlike numpy's str arrays)."""
     data = [s.encode("utf-8", "surrogatepass") for s in strings]
@@ -84,6 +119,44 @@ def _normalize(rows: np.ndarray) -> np.ndarray:
     """Unit rows (as torch's F.normalize: a zero row stays zero)."""
     rows = rows.astype(np.float32, copy=False)
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+
+
+def _dot_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_j a[j] * b[j]`` in float32, ``j`` in order (``a``: ``[d, n]``; ``b``: ``[d]`` or ``[d, n]``).
+
+    Every score of a user vector against an item vector goes through this one sum: a single-user
+    query, the batch for every user and re-scored index hits then give the very same float32 number
+    for a (user, item) pair, so rankings and their ties agree exactly. A BLAS product does not: its
+    summation order (and so the last bit) depends on the shape of the call."""
+    if a.shape[0] == 0:
+        return np.zeros(a.shape[1:], dtype=np.float32)
+    acc = a[0] * b[0]
+    tmp = np.empty_like(acc)
+    for j in range(1, a.shape[0]):
+        np.multiply(a[j], b[j], out=tmp)
+        acc += tmp
+    return acc
+
+
+def _rows_of(indptr: np.ndarray, values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of CSR rows ``codes``: ``(position in codes, value)`` per entry."""
+    starts, ends = indptr[codes], indptr[codes + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    rows = np.repeat(np.arange(len(codes), dtype=np.int64), lengths)
+    offsets = np.cumsum(lengths) - lengths
+    index = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
+    return rows, values[index].astype(np.int64)
+
+
+def _best_per_row(rows: np.ndarray, items: np.ndarray, scores: np.ndarray, k: int):
+    """The ``k`` best (row, item, score) entries per row: highest score first, equal scores to the
+    lower item code (as :meth:`Recommender.recommend`). Returns rows, 1-based ranks, items, scores."""
+    order = np.lexsort((items, -scores.astype(np.float64), rows))
+    rows, items, scores = rows[order], items[order], scores[order]
+    rank = np.arange(len(rows), dtype=np.int64) - np.searchsorted(rows, rows, side="left")
+    keep = rank < k
+    return rows[keep], (rank[keep] + 1).astype(np.int32), items[keep], scores[keep]
 
 
 def _checkpoint_stamp(path: str) -> np.ndarray:
@@ -161,7 +234,10 @@ class Recommender:
                user_bias, user_scorable, candidates, train, task, task_config, rating_scale, regs, needs_model,
                scores_unknown_users, user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None) -> None:
         self.user_ids, self.item_ids = user_ids, item_ids
+        self.has_titles = bool(titles)  # else the titles are the item ids
         self.titles = titles if titles else list(item_ids)
+        self._item_columns: np.ndarray | None = None  # item_vectors.T, float32, contiguous
+        self._user_columns: np.ndarray | None = None  # user_vectors.T, likewise
         self.global_bias = float(global_bias)
         self.item_vectors, self.item_bias = item_vectors, item_bias
         self.user_vectors, self.user_bias, self.user_scorable = user_vectors, user_bias, user_scorable
@@ -332,8 +408,7 @@ class Recommender:
     def history(self, code: int) -> tuple[np.ndarray, np.ndarray]:
         """Item codes and ratings of a user's training rows."""
         if self._train is None:
-            raise CheckpointError("this run saved no training interactions, so it cannot tell what a user "
-                                  "rated: pass exclude_rated=false")
+            raise CheckpointError(NO_TRAINING_ROWS)
         indptr, items, ratings = self._train
         return items[indptr[code]:indptr[code + 1]], ratings[indptr[code]:indptr[code + 1]]
 
@@ -358,27 +433,60 @@ class Recommender:
         return items[(ratings >= ratings.mean()) & (ratings > middle)]
 
     # ---- top-N --------------------------------------------------------------------------------
-    def scores_for(self, vector: np.ndarray | None, bias: float) -> np.ndarray:
-        """Scores of a user (vector and bias) against every item."""
-        scores = np.float32(self.global_bias) + np.float32(bias) + self.item_bias.astype(np.float32)
+    def _columns(self) -> np.ndarray:
+        if self._item_columns is None:
+            self._item_columns = np.ascontiguousarray(self.item_vectors.astype(np.float32, copy=False).T)
+        return self._item_columns
+
+    def scores_for(self, vector: np.ndarray | None, bias: float, items: np.ndarray | None = None) -> np.ndarray:
+        """Scores of a user (vector and bias) against every item (or the item codes ``items``)."""
+        item_bias = self.item_bias.astype(np.float32, copy=False)
+        scores = np.float32(self.global_bias) + np.float32(bias) + (item_bias if items is None else item_bias[items])
         if vector is not None and self.item_vectors is not None:
-            scores = scores + self.item_vectors.astype(np.float32) @ np.asarray(vector, dtype=np.float32)
+            columns = self._columns() if items is None else self._columns()[:, items]
+            scores = scores + _dot_rows(columns, np.asarray(vector, dtype=np.float32))
         return scores
 
-    def recommend(self, user, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
-        """The top ``k`` items for a user of the run, best first, each with a reason."""
+    def score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The scores of (user code, item code) pairs of the run: float32, bit for bit what
+        :meth:`recommend` gives the same pair."""
+        users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        scores = ((np.float32(self.global_bias) + self.user_bias[users].astype(np.float32, copy=False))
+                  + self.item_bias[items].astype(np.float32, copy=False))
+        if self.user_vectors is not None and self.item_vectors is not None:
+            if self._user_columns is None:
+                self._user_columns = np.ascontiguousarray(self.user_vectors.astype(np.float32, copy=False).T)
+            scores = scores + _dot_rows(np.take(self._columns(), items, axis=1),
+                                        np.take(self._user_columns, users, axis=1))
+        return scores
+
+    def _scorable(self, user) -> int:
         code = self.user_code(user)
         if not bool(self.user_scorable[code]):
             raise UnknownIdError(f"user {str(user)!r} has no training data in this run, so no trained vector "
                                  "(give their ratings=ITEM:R,... to fold them in)")
+        return code
+
+    def recommend(self, user, k: int = 10, exclude_rated: bool = True,
+                  index: ItemIndex | None = None) -> list[Recommendation]:
+        """The top ``k`` items for a user of the run, best first, each with a reason. ``index``: take
+        the candidates from a search index (:mod:`recsys_torch.ann`) instead of scoring every item."""
+        code = self._scorable(user)
         if self._train is not None or exclude_rated:
             items, ratings = self.history(code)  # raises when the run saved no training rows
         else:
             items, ratings = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         vector = None if self.user_vectors is None else self.user_vectors[code]
-        scores = self.scores_for(vector, float(self.user_bias[code]))
-        return self._top(scores, k, self.rated(code) if exclude_rated else None,
-                         self._liked(items, ratings, trained=True), f"user {user}")
+        bias = float(self.user_bias[code])
+        exclude = self.rated(code) if exclude_rated else None
+        liked = self._liked(items, ratings, trained=True)
+        if index is None:
+            return self._top(self.scores_for(vector, bias), k, exclude, liked, f"user {user}")
+        n_exclude = 0 if exclude is None else len(exclude)
+        query = np.zeros((1, 0), dtype=np.float32) if vector is None else np.asarray(vector, dtype=np.float32)[None]
+        hits = index.user_hits(query, min(k + n_exclude, int(self.candidates.sum())))[0]
+        hits = np.unique(hits[hits >= 0])
+        return self._top(self.scores_for(vector, bias, hits), k, exclude, liked, f"user {user}", pool=hits)
 
     def recommend_for(self, vec: UserVector, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a folded-in user (see :meth:`fold_in`)."""
@@ -386,34 +494,45 @@ class Recommender:
                          "this user")
 
     def _check_k(self, k, available: int, who: str, n_excluded: int) -> int:
+        k = self._check_catalog_k(k)
+        if k > available:
+            n_catalog = int(self.candidates.sum())
+            raise ConfigError(f"k={k} but only {available} items are left for {who} "
+                              f"({n_catalog} in the catalog, {n_excluded} excluded)")
+        return k
+
+    def _check_catalog_k(self, k) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
         n_catalog = int(self.candidates.sum())
         if k > n_catalog:
             raise ConfigError(f"k={k} is more than the {n_catalog} items this run can recommend")
-        if k > available:
-            raise ConfigError(f"k={k} but only {available} items are left for {who} "
-                              f"({n_catalog} in the catalog, {n_excluded} excluded)")
         return int(k)
 
     def _top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None, liked: np.ndarray,
-             who: str) -> list[Recommendation]:
+             who: str, pool: np.ndarray | None = None) -> list[Recommendation]:
+        """The best ``k`` allowed items; ``scores`` of every item, or of the item codes ``pool`` only
+        (sorted, unique: the candidates an index found)."""
         allowed = self.candidates.copy()
         n_excluded = 0
         if exclude is not None and len(exclude):
             n_excluded = int(allowed[exclude].sum())
             allowed[exclude] = False
         k = self._check_k(k, int(allowed.sum()), who, n_excluded)
-        bad = allowed & ~np.isfinite(scores)
+        codes = np.arange(len(allowed)) if pool is None else pool
+        ok = allowed[codes]
+        bad = ok & ~np.isfinite(scores)
         if bad.any():
             raise CheckpointError(f"this run's model gives {int(bad.sum())} item(s) a score that is not a finite "
                                   f"number for {who}: it diverged; train it again (e.g. with a lower trainer.lr)")
-        masked = np.where(allowed, scores.astype(np.float64), -math.inf)
+        masked = np.where(ok, scores.astype(np.float64), -math.inf)
         # a stable sort: equal scores go to the lower item code, whatever the platform
-        top = np.argsort(-masked, kind="stable")[:k]
+        order = np.argsort(-masked, kind="stable")[:k]
+        order = order[ok[order]]  # an index may have found fewer than k allowed items
+        top = codes[order]
         reasons = self._reasons(top, liked)
-        return [Recommendation(self.item_ids[c], self.titles[c], float(scores[c]), r)
-                for c, r in zip(top.tolist(), reasons)]
+        return [Recommendation(self.item_ids[c], self.titles[c], float(scores[j]), r)
+                for c, j, r in zip(top.tolist(), order.tolist(), reasons)]
 
     def _reasons(self, top: np.ndarray, liked: np.ndarray) -> list[str | None]:
         """Per recommended item, the user's liked items closest to it (cosine of item vectors)."""
@@ -430,9 +549,148 @@ class Recommender:
             out.append("because you liked " + " and ".join(names) if names else None)
         return out
 
+    # ---- top-N for every user -------------------------------------------------------------------
+    def recommend_all(self, k: int = 10, chunk: int = 1024, exclude_rated: bool = True,
+                      index: ItemIndex | None = None) -> Iterator[TopN]:
+        """The top ``k`` items of every user of the run, a block of ``chunk`` users at a time (in user
+        code order), as :class:`TopN` rows: for each user exactly what :meth:`recommend` gives (items,
+        order, ties and scores), without the reasons. Users that cannot be scored are skipped and
+        counted; memory stays at a few ``chunk x n_items`` score blocks whatever the number of users.
+
+        Exact search scores each block with one matrix product, keeps per user every item within the
+        product's rounding error of the k-th best score (a partition, then a comparison), and scores
+        those few again with :meth:`score_pairs` to rank them, so the result does not depend on BLAS.
+        ``index``: take each user's candidates from a search index instead (``k`` plus the user's
+        rated count of them), then score and rank them the same way."""
+        k = self._check_catalog_k(k)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ConfigError(f"chunk must be a positive integer, got {chunk!r}")
+        if exclude_rated and self._train is None:
+            raise CheckpointError(NO_TRAINING_ROWS)
+        cand = np.flatnonzero(self.candidates)
+        position = np.full(len(self.item_ids), -1, dtype=np.int64)
+        position[cand] = np.arange(len(cand))
+        exact = None if index is not None else self._exact_setup(cand)
+        rows_per_block = max(1, min(int(chunk), (1 << 26) // max(len(cand), 1)))  # <= 256 MB of scores
+        n_users = len(self.user_ids)
+        for start in range(0, n_users, rows_per_block):
+            codes = np.arange(start, min(start + rows_per_block, n_users), dtype=np.int64)
+            users = codes[self.user_scorable[codes].astype(bool)]
+            rated = self._rated_block(users) if exclude_rated else None
+            if len(users) == 0:
+                pairs = (np.zeros(0, np.int64),) * 2
+            elif index is None:
+                pairs = self._exact_candidates(users, k, rated, position, cand, exact)
+            else:
+                pairs = self._index_candidates(users, k, rated, index, len(cand))
+            rows, items = pairs
+            rows, ranks, items, scores = _best_per_row(rows, items, self.score_pairs(users[rows], items), k)
+            short = int((np.bincount(rows, minlength=len(users)) < k).sum())
+            yield TopN(users[rows], ranks, items, scores, len(codes), len(codes) - len(users), short)
+
+    def _rated_block(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`rated` gives each of ``users``: ``(position in users, item code)`` per entry."""
+        indptr, items, _ = self._train
+        rows, codes = _rows_of(indptr, items, users)
+        if self._seen is not None:
+            more_rows, more = _rows_of(self._seen[0], self._seen[1], users)
+            rows, codes = np.concatenate([rows, more_rows]), np.concatenate([codes, more])
+        return rows, codes
+
+    def _exact_setup(self, cand: np.ndarray) -> dict:
+        """The candidate items' tables and the bound on how far a BLAS score may be from
+        :meth:`score_pairs` (summation order and rounding: a few float32 ulps of the magnitudes)."""
+        bias = self.item_bias[cand].astype(np.float32)
+        vectors = None
+        tables = [bias, self.user_bias, np.array([self.global_bias])]
+        if self.item_vectors is not None and self.user_vectors is not None:
+            vectors = np.ascontiguousarray(self.item_vectors[cand], dtype=np.float32)
+            tables += [vectors, self.user_vectors]
+            # [q_i, b_i, 1]: one product with [p_u, 1, mu + b_u] adds the biases too
+            folded = np.hstack([vectors, bias[:, None], np.ones((len(cand), 1), dtype=np.float32)])
+        finite = all(bool(np.isfinite(t).all()) for t in tables)
+        with np.errstate(over="ignore", invalid="ignore"):
+            q_max = float(np.linalg.norm(vectors, axis=1).max()) if vectors is not None and len(cand) else 0.0
+            u_norms = (np.linalg.norm(self.user_vectors.astype(np.float64), axis=1) if vectors is not None
+                       else np.zeros(len(self.user_ids)))
+            b_max = float(np.abs(bias).max()) if len(bias) else 0.0
+            largest = float(u_norms.max(initial=0.0)) * q_max + abs(self.global_bias) \
+                + float(np.abs(self.user_bias).max(initial=0.0)) + b_max
+        # every score is finite when the tables are and no sum can come near float32's overflow
+        finite = finite and largest < 1e37
+        d = 0 if vectors is None else vectors.shape[1] + 2
+        return {"vectors": None if vectors is None else folded, "bias": bias, "q_max": q_max, "u_norms": u_norms,
+                "b_max": b_max,
+                "ulp": 6.0 * (d + 4) * 2.0 ** -24, "finite": finite}
+
+    def _exact_candidates(self, users, k, rated, position, cand, setup) -> tuple[np.ndarray, np.ndarray]:
+        """``(position in users, item code)`` of every item that may be among a user's top ``k``."""
+        n_c = len(cand)
+        base = np.float32(self.global_bias) + self.user_bias[users].astype(np.float32)
+        if setup["vectors"] is None:  # bias-only: these sums are exactly score_pairs'
+            scores = np.broadcast_to(base[:, None], (len(users), n_c)) + setup["bias"][None, :]
+            margin = np.zeros(len(users))
+        else:
+            ones = np.ones((len(users), 1), dtype=np.float32)
+            scores = np.hstack([self.user_vectors[users].astype(np.float32, copy=False), ones, base[:, None]]) \
+                @ setup["vectors"].T
+            margin = setup["ulp"] * (setup["u_norms"][users] * setup["q_max"] + np.abs(base) + setup["b_max"])
+        if rated is not None:
+            rows, items = rated
+            cols = position[items]
+            rows, cols = rows[cols >= 0], cols[cols >= 0]
+        if not setup["finite"]:
+            ok = np.isfinite(scores)
+            if rated is not None:
+                ok[rows, cols] = True
+            if not ok.all():
+                row = int(np.flatnonzero(~ok.all(axis=1))[0])
+                raise CheckpointError(f"this run's model gives {int((~ok[row]).sum())} item(s) a score that is not a "
+                                      f"finite number for user {self.user_ids[int(users[row])]}: it diverged; train it "
+                                      "again (e.g. with a lower trainer.lr)")
+        if rated is not None:
+            scores[rows, cols] = -np.inf
+        kth = np.partition(scores, n_c - k, axis=1)[:, n_c - k].astype(np.float64)
+        # item i can be in the exact top k only if its BLAS score is within two errors of the k-th
+        # best BLAS score (the k items above it score at least kth - error exactly)
+        wanted = kth - 2.0 * margin
+        threshold = wanted.astype(np.float32)
+        threshold = np.where(threshold > wanted, np.nextafter(threshold, np.float32(-np.inf)), threshold)
+        threshold = np.maximum(threshold, np.finfo(np.float32).min)  # never an excluded (-inf) item
+        flat = np.flatnonzero(scores >= threshold[:, None].astype(np.float32))
+        rows, cols = np.divmod(flat, n_c)
+        return rows, cand[cols]
+
+    def _index_candidates(self, users, k, rated, index: ItemIndex, n_c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's ``k`` plus their rated count of index hits, without their rated items."""
+        n_rated = np.zeros(len(users), dtype=np.int64) if rated is None else np.bincount(rated[0], minlength=len(users))
+        need = np.minimum(k + n_rated, n_c)
+        fetch = np.minimum(1 << np.ceil(np.log2(need)).astype(np.int64), n_c)  # few distinct search sizes
+        all_rows, all_items = [], []
+        for n in np.unique(fetch).tolist():
+            rows = np.flatnonzero(fetch == n)
+            vectors = (np.zeros((len(rows), 0), dtype=np.float32) if self.user_vectors is None
+                       else self.user_vectors[users[rows]].astype(np.float32))
+            hits = np.asarray(index.user_hits(vectors, int(n)), dtype=np.int64)
+            all_rows.append(np.repeat(rows, hits.shape[1]))
+            all_items.append(hits.reshape(-1))
+        rows, items = np.concatenate(all_rows), np.concatenate(all_items)
+        keep = items >= 0
+        keep[keep] = self.candidates[items[keep]]
+        rows, items = rows[keep], items[keep]
+        n_items = len(self.item_ids)
+        key = rows * n_items + items
+        key, first = np.unique(key, return_index=True)  # an index may repeat a hit
+        rows, items = rows[first], items[first]
+        if rated is not None:
+            drop = np.isin(key, rated[0] * n_items + rated[1])
+            rows, items = rows[~drop], items[~drop]
+        return rows, items
+
     # ---- similar items ------------------------------------------------------------------------
-    def similar_items(self, item, k: int = 10) -> list[Recommendation]:
-        """The ``k`` items whose vectors have the highest cosine with the item's vector."""
+    def similar_items(self, item, k: int = 10, index: ItemIndex | None = None) -> list[Recommendation]:
+        """The ``k`` items whose vectors have the highest cosine with the item's vector (``index``:
+        among the candidates a search index finds)."""
         code = self.item_code(item)
         if self.item_vectors is None:
             raise CheckpointError(f"this run's model ({self.model_name}) has no item vectors, so it "
@@ -440,9 +698,13 @@ class Recommender:
         if not bool(self.candidates[code]):
             raise UnknownIdError(f"item {str(item)!r} ({self.titles[code]}) has no ratings in this run's training "
                                  "data, so it has no trained vector")
-        table = _normalize(self.item_vectors)
-        sim = table @ table[code]
-        return self._top(sim, k, np.array([code]), np.zeros(0, dtype=np.int64), f"item {item}")
+        if index is None:
+            table = _normalize(self.item_vectors)
+            return self._top(table @ table[code], k, np.array([code]), np.zeros(0, dtype=np.int64), f"item {item}")
+        hits = index.similar_hits(np.array([code]), min(k + 1, int(self.candidates.sum())))[0]
+        hits = np.unique(hits[hits >= 0])
+        sim = _normalize(self.item_vectors[hits]) @ _normalize(self.item_vectors[code:code + 1])[0]
+        return self._top(sim, k, np.array([code]), np.zeros(0, dtype=np.int64), f"item {item}", pool=hits)
 
     # ---- fold-in ------------------------------------------------------------------------------
     def parse_ratings(self, ratings) -> tuple[np.ndarray, np.ndarray]:

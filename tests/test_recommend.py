@@ -408,3 +408,320 @@ def test_foldin_eval_reports_a_config_error_in_one_line(tmp_path, ranking_run, c
     assert cli_errors.run(load_foldin_eval().main, [f"run_dir={run}"]) == 2
     err = capsys.readouterr().err
     assert "task.loss must be one of" in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+# ---- top-N for every user (all_users=true) ----------------------------------------------------------
+
+def tied_recommender(n_users: int = 9, n_items: int = 14, dim: int = 3) -> Recommender:
+    """An MF run with exact ties: items 1, 5, 9 and 13 share one vector and bias, as do 2 and 6, and
+    users 3 and 4 have zero vectors (they see only the biases); user 7 has no training data (it
+    cannot be scored) and user 8 rated all but two items (it has fewer than k left)."""
+    from conftest import make_inter
+
+    gen = torch.Generator().manual_seed(3)
+    model = MFModel(n_users, n_items, embedding_dim=dim)
+    users = [u for u in range(7) for _ in range(3)] + [8] * (n_items - 2)
+    items = [(5 * u + j) % n_items for u in range(7) for j in range(3)] + list(range(2, n_items))
+    model.prepare(make_inter(users, items, [4.0] * len(users), n_users=n_users, n_items=n_items))
+    with torch.no_grad():
+        q = torch.randn(n_items, dim, generator=gen)
+        b = torch.randn(n_items, generator=gen)
+        for i in (5, 9, 13):
+            q[i], b[i] = q[1].clone(), b[1].clone()
+        q[6], b[6] = q[2].clone(), b[2].clone()
+        p = torch.randn(n_users, dim, generator=gen)
+        p[3:5] = 0.0
+        model.item_factors.weight.copy_(q)
+        model.item_bias.weight.copy_(b.view(-1, 1))
+        model.user_factors.weight.copy_(p)
+    return Recommender(model, [f"u{u}" for u in range(n_users)], [f"i{i}" for i in range(n_items)], None,
+                       torch.tensor(users), torch.tensor(items), torch.full((len(users),), 4.0))
+
+
+def rows_by_user(blocks) -> dict[int, list[tuple[int, float, int]]]:
+    out: dict[int, list] = {}
+    for block in blocks:
+        for u, r, i, s in zip(block.users.tolist(), block.ranks.tolist(), block.items.tolist(), block.scores.tolist()):
+            out.setdefault(u, []).append((i, s, r))
+    return out
+
+
+def single(rec: Recommender, code: int, k: int, **kwargs) -> list[tuple[int, float, int]]:
+    return [(rec.item_code(r.item), r.score, rank) for rank, r in enumerate(rec.recommend(rec.user_ids[code], k, **kwargs), 1)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_recommend_all_equals_single_user_queries_with_ties(chunk):
+    rec = tied_recommender()
+    cut_ties = 0
+    for k in (1, 2, 3, 4, 6):
+        blocks = list(rec.recommend_all(k, chunk=chunk))
+        got = rows_by_user(blocks)
+        assert sum(b.n_users for b in blocks) == 9 and sum(b.skipped for b in blocks) == 1 and 7 not in got
+        for code in range(7):
+            assert got[code] == single(rec, code, k), (k, code)
+            last = got[code][-1][1]
+            everything = rec.scores_for(rec.user_vectors[code], float(rec.user_bias[code]))
+            cut_ties += int((everything == last).sum() > sum(s == last for _, s, _ in got[code]))
+        assert sum(b.short for b in blocks) == (k > 2)
+        assert got[8] == single(rec, 8, min(k, 2))  # user 8 gets what is left
+    assert cut_ties >= 3  # the k-th place often splits a tie: the lower item code goes first
+    everything = rows_by_user(rec.recommend_all(k, chunk=chunk, exclude_rated=False))
+    for code in range(7):
+        assert everything[code] == single(rec, code, k, exclude_rated=False)
+
+
+@pytest.mark.parametrize("run", ["rating_run", "ranking_run"])
+def test_recommend_all_equals_single_user_queries_of_a_trained_run(run, request):
+    """The ranking run also leaves out what users rated below its threshold; the hybrid model's
+    vectors go through the same exact re-scoring."""
+    rec = Recommender.load(str(request.getfixturevalue(run)))
+    got = rows_by_user(rec.recommend_all(10, chunk=7))
+    scorable = np.flatnonzero(rec.user_scorable)
+    assert set(got) == set(scorable.tolist())
+    for code in scorable.tolist():
+        left = int(rec.candidates.sum() - rec.candidates[np.unique(rec.rated(code))].sum())
+        assert got[code] == single(rec, code, min(10, left))
+
+
+def test_recommend_all_of_a_bias_only_model_with_ties():
+    rec = Recommender(_prepared(PopularityModel(3, 6)), ["a", "b", "c"], list("uvwxyz"), None, torch.tensor([0, 1, 1]),
+                      torch.tensor([1, 1, 0]), torch.ones(3))
+    rec.candidates[:] = True
+    rec.item_bias[:] = [0.5, 1.0, 0.5, 1.0, 0.5, 0.2]
+    got = rows_by_user(rec.recommend_all(4, chunk=2))
+    assert [i for i, _, _ in got[0]] == [3, 0, 2, 4]  # item 1 rated; equal biases in item-code order
+    for code in got:
+        assert got[code] == single(rec, code, 4)
+
+
+def test_recommend_all_errors(rating_run):
+    rec = Recommender.load(str(rating_run))
+    with pytest.raises(ConfigError, match="k=41 is more than the 40 items"):
+        next(rec.recommend_all(41))
+    with pytest.raises(ConfigError, match="chunk must be a positive integer"):
+        next(rec.recommend_all(5, chunk=0))
+    pop = Recommender(_prepared(PopularityModel(2, 3)), ["a", "b"], ["x", "y", "z"])
+    with pytest.raises(CheckpointError, match="no training interactions"):
+        next(pop.recommend_all(2))
+    assert [b.items.tolist() for b in pop.recommend_all(2, exclude_rated=False)] == [[1, 0, 1, 0]]
+
+
+def test_recommend_all_refuses_a_diverged_model():
+    rec = tied_recommender()
+    rec.user_vectors[2, 0] = np.nan
+    with pytest.raises(CheckpointError, match="not a finite number for user u2"):
+        list(rec.recommend_all(3))
+
+
+def read_rows(path) -> list[tuple[str, int, str, float]]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if str(path).endswith(".csv"):
+        types = {"user": "string", "item": "string", "score": "float32", "title": "string"}
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types))
+    else:
+        table = pq.read_table(path)
+    return table
+
+
+@pytest.mark.parametrize("name", ["recs.parquet", "recs.csv"])
+def test_cli_all_users_writes_every_user_top_k(ranking_run, tmp_path, capsys, name):
+    rec = Recommender.load(str(ranking_run))
+    out = tmp_path / name
+    code, stdout, err = in_process(capsys, f"run_dir={ranking_run}", "all_users=true", "k=5", f"out={out}", "chunk=16")
+    assert code == 0, err
+    n = int(rec.user_scorable.sum())
+    assert stdout.strip() == f"wrote {5 * n:,} rows (top 5 for {n:,} users) to {out}"
+    table = read_rows(out)
+    assert table.column_names == ["user", "rank", "item", "score", "title"]
+    rows = table.to_pylist()
+    by_user: dict[str, list] = {}
+    for row in rows:
+        by_user.setdefault(row["user"], []).append(row)
+    assert len(by_user) == n
+    for user, got in by_user.items():
+        want = rec.recommend(user, 5)
+        assert [(g["rank"], g["item"], g["title"], g["score"]) for g in got] == \
+            [(i, r.item, r.title, pytest.approx(r.score, abs=0) if name.endswith("parquet") else r.score)
+             for i, r in enumerate(want, 1)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cli_all_users_counts_the_users_it_skips(tmp_path, capsys, rating_run):
+    rec = Recommender.load(str(rating_run))
+    rec.user_scorable[[0, 3]] = False  # as a run whose users 0 and 3 had no training rows
+    from recsys_torch.export import summary, write_top_n
+
+    counts = write_top_n(rec, rec.recommend_all(3), str(tmp_path / "r.parquet"))
+    assert counts["skipped"] == 2 and counts["users"] == len(rec.user_ids) - 2
+    lines = summary(counts, 3, "r.parquet")
+    assert lines[1] == "skipped 2 user(s) that cannot be scored (no training data and no user features)"
+
+
+@pytest.mark.parametrize("name", ["recs.parquet", "recs.csv"])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_all_users_leaves_no_half_written_file(rating_run, tmp_path, name, error):
+    from recsys_torch.export import write_top_n
+
+    rec = Recommender.load(str(rating_run))
+    out = tmp_path / name
+    out.write_text("the previous file\n")
+
+    def failing():
+        blocks = rec.recommend_all(3, chunk=5)
+        yield next(blocks)
+        yield next(blocks)
+        raise error("killed mid-way")
+
+    with pytest.raises(error):
+        write_top_n(rec, failing(), str(out))
+    assert out.read_text() == "the previous file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    out.unlink()
+    with pytest.raises(error):
+        write_top_n(rec, failing(), str(out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_all_users_stops_cleanly_on_sigterm(rating_run, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    original = Recommender.recommend_all
+
+    def signalled(self, *args, **kwargs):
+        for n, block in enumerate(original(self, *args, **kwargs)):
+            if n == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # recorded by the script, which stops before the next block
+            yield block
+
+    monkeypatch.setattr(Recommender, "recommend_all", signalled)
+    out = tmp_path / "recs.parquet"
+    code, stdout, err = in_process(capsys, f"run_dir={rating_run}", "all_users=true", "k=3", "chunk=7", f"out={out}",
+                                   "progress=false")
+    assert code == 128 + signal.SIGTERM and stdout == ""
+    assert err == f"error: stopped by SIGTERM: {out} was not written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_all_users_without_importing_torch(rating_run, tmp_path):
+    out = tmp_path / "recs.parquet"
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{SCRIPT!r}, 'run_dir={rating_run}', 'all_users=true', 'k=3', 'out={out}']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('torch imported:', 'torch' in sys.modules, 'pandas imported:', 'pandas' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("torch imported: False pandas imported: False") and out.exists()
+    assert "60/60" in proc.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("args, message", [
+    (["all_users=true"], "error: all_users=true needs out=FILE.parquet or out=FILE.csv"),
+    (["all_users=true", "out=recs.txt"], "error: out=recs.txt: the file name must end in .parquet or .csv"),
+    (["user=0", "out=recs.csv"], "error: out= is for all_users=true"),
+    (["user=0", "all_users=true", "out=recs.csv"], "error: give exactly one of"),
+    (["all_users=yes please", "out=recs.csv"], "error: all_users must be true or false"),
+    (["ratings=1:5", "ann=true"], "error: ann=true serves user=, item= and all_users=true queries"),
+])
+def test_cli_all_users_argument_errors(rating_run, capsys, args, message):
+    code, out, err = in_process(capsys, f"run_dir={rating_run}", *args)
+    assert code == 2 and out == "" and err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+# ---- approximate search (ann=true) ------------------------------------------------------------------
+
+@pytest.fixture
+def faiss_one_thread():
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield faiss
+    faiss.omp_set_num_threads(threads)
+
+
+def random_catalog_recommender(n_users: int = 25, n_items: int = 300, dim: int = 8) -> Recommender:
+    from conftest import make_inter
+
+    gen = torch.Generator().manual_seed(5)
+    model = MFModel(n_users, n_items, embedding_dim=dim)
+    users = torch.arange(n_users).repeat_interleave(n_items // n_users)  # every item rated once
+    items = torch.randperm(n_items, generator=gen)
+    model.prepare(make_inter(users, items, torch.full((len(users),), 4.0), n_users=n_users, n_items=n_items))
+    with torch.no_grad():
+        model.item_factors.weight.copy_(torch.randn(n_items, dim, generator=gen))
+        model.item_bias.weight.copy_(2 * torch.randn(n_items, 1, generator=gen))  # biases matter in the ranking
+        model.user_factors.weight.copy_(torch.randn(n_users, dim, generator=gen))
+    rec = Recommender(model, [str(u) for u in range(n_users)], [str(i) for i in range(n_items)], None, users, items,
+                      torch.full((len(users),), 4.0))
+    rec.run_id = "test-run"
+    return rec
+
+
+def test_ann_with_an_exact_index_ranks_exactly_as_the_model(faiss_one_thread):
+    from recsys_torch.ann import AnnSettings, FaissIndex
+
+    rec = random_catalog_recommender()
+    index = FaissIndex(rec, AnnSettings(kind="flat"))
+    for user in rec.user_ids:
+        assert [(r.item, r.score, r.reason) for r in rec.recommend(user, 10, index=index)] == \
+            [(r.item, r.score, r.reason) for r in rec.recommend(user, 10)]
+    for item in ("0", "17", "299"):
+        got, want = rec.similar_items(item, 8, index=index), rec.similar_items(item, 8)
+        assert [r.item for r in got] == [r.item for r in want]
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-6)
+    assert rows_by_user(rec.recommend_all(10, chunk=7, index=index)) == rows_by_user(rec.recommend_all(10, chunk=7))
+    # without the folded bias, the inner product alone would rank differently
+    plain = rec.user_vectors @ rec.item_vectors.T
+    assert any(np.argsort(-plain[u])[0] != rec.item_code(rec.recommend(rec.user_ids[u], 1, exclude_rated=False)[0].item)
+               for u in range(len(rec.user_ids)))
+
+
+def test_ann_hnsw_finds_nearly_all_of_the_exact_top_k(faiss_one_thread, tmp_path):
+    from recsys_torch.ann import AnnSettings, FaissIndex, benchmark, recall_at_k
+
+    assert recall_at_k(np.array([[1, 2, 3], [4, 5, -1]]), np.array([[3, 2, 9], [4, 6, 7]])) == pytest.approx(0.5)
+    result = benchmark(n_items=2000, dim=16, n_queries=50, k=10, settings=AnnSettings(m=16, ef_construction=64),
+                       ef_search=[64])
+    assert result["rows"][0]["recall"] >= 0.9
+    rec = random_catalog_recommender()
+    index = FaissIndex(rec, AnnSettings(m=8, ef_construction=40, ef_search=40), cache=str(tmp_path))
+    got = rows_by_user(rec.recommend_all(5, index=index))
+    want = rows_by_user(rec.recommend_all(5))
+    hits = sum(len({i for i, _, _ in got[u]} & {i for i, _, _ in want[u]}) for u in want)
+    assert hits >= 0.9 * 5 * len(want)
+    for u in got:  # what it finds is scored exactly, rated items left out
+        assert [s for _, s, _ in got[u]] == rec.score_pairs(np.full(len(got[u]), u), [i for i, _, _ in got[u]]).tolist()
+        assert not set(rec.rated(u).tolist()) & {i for i, _, _ in got[u]}
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["ann-user-hnsw8-40-test-run.faiss"]
+    again = FaissIndex(rec, AnnSettings(m=8, ef_construction=40, ef_search=40), cache=str(tmp_path))
+    assert rows_by_user(rec.recommend_all(5, index=again)) == got and again.build_seconds == 0.0
+
+
+def test_cli_ann_answers_user_item_and_all_users_queries(faiss_one_thread, rating_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rating_run, run)
+    rec = Recommender.load(str(run))
+    for query in ("user=0", "item=3"):
+        code, out, err = in_process(capsys, f"run_dir={run}", query, "k=4", "format=json", "ann=true", "ann_kind=flat")
+        exact = in_process(capsys, f"run_dir={run}", query, "k=4", "format=json")[1]
+        assert code == 0, err
+        assert [r["item"] for r in json.loads(out)] == [r["item"] for r in json.loads(exact)]
+    code, _, err = in_process(capsys, f"run_dir={run}", "all_users=true", "k=4", f"out={tmp_path / 'r.parquet'}",
+                              "ann=true", "ann_m=8", "progress=false")
+    assert code == 0, err
+    assert read_rows(tmp_path / "r.parquet").num_rows == 4 * int(rec.user_scorable.sum())
+    assert {p.name.split("-")[1] for p in run.glob("ann-*.faiss")} == {"user", "item"}
+
+
+def test_cli_ann_without_faiss_is_one_error_line(rating_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    for query in (["user=0"], ["item=1"], ["all_users=true", "out=never.parquet"]):
+        code, out, err = in_process(capsys, f"run_dir={rating_run}", *query, "ann=true")
+        assert code == 2 and out == "" and err == "error: ann=true needs faiss: pip install -e '.[ann]'\n"
