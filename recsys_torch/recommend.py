@@ -780,11 +780,11 @@ class Recommender:
         position = np.full(len(self.item_ids), -1, dtype=np.int64)
         position[cand] = np.arange(len(cand))
         pos = torch.from_numpy(position[positives])
-        lam, _ = self._reg(len(pos))
+        task = self.task
+        lam = task.fold_in_penalty(len(pos), len(cand), self.reg, self.reg_exponent)
         start = torch.from_numpy(prior_vec.astype(np.float64))
         delta = torch.zeros_like(start, requires_grad=True)
         opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-        task = self.task
 
         def closure():
             opt.zero_grad()

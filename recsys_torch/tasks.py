@@ -331,10 +331,21 @@ class RankingTask(Task):
         penalty = _rows(u.penalty, b, device) + _rows(every.penalty, self.n_items, device).index_select(0, items)
         return loss + losses.weighted_mean(penalty, weights)
 
+    def fold_in_penalty(self, n_positives: int, n_candidates: int, reg: float, reg_exponent: float) -> float:
+        """The L2 weight on a folded-in user's vector, as training weighed a user with ``n_positives``:
+        the Gramian loss's own (``reg`` x (n + gramian_weight x the catalog) ^ reg_frequency), else the
+        model's ``reg`` x n ^ (1 - reg_exponent)."""
+        n = max(n_positives, 1)
+        if self.loss_name == "gramian":
+            return self.reg * (n + self.gramian_weight * n_candidates) ** self.reg_frequency + 1e-6
+        return reg * n ** (1.0 - reg_exponent) + 1e-6
+
     def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """A new user's training loss against every candidate item (``scores`` ``[n]``; ``positives``
         the indices of the user's positives), summed over the positives."""
         n = len(positives)
+        if self.loss_name == "gramian":  # confidence on the positives, every item's squared score
+            return self.confidence * (1.0 - scores[positives]).pow(2).sum() + self.gramian_weight * scores.pow(2).sum()
         if self.loss_name == "bpr":  # each positive against every other item
             negative = torch.ones_like(scores, dtype=torch.bool)
             negative[positives] = False

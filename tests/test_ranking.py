@@ -363,3 +363,20 @@ def test_user_batched_losses_learn_to_rank(implicit_split, loss):
     torch.manual_seed(0)
     untrained = ranking_metrics(MFModel(train.n_users, train.n_items, embedding_dim=8), test, [train], train, (5,))
     assert trained > untrained["ndcg@5"]
+
+
+def test_gramian_fold_in_solves_the_users_als_equation():
+    """Fold-in of a new user under the Gramian loss lands where ALS would put the user: the minimum of
+    confidence x sum (1 - s)^2 over the positives + gramian_weight x sum s^2 + the task's L2."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    task = RankingTask(threshold=None, loss="gramian", confidence=2.0, gramian_weight=0.5, reg=0.1, reg_frequency=1.0)
+    pos = torch.tensor([1, 4, 7])
+    lam = task.fold_in_penalty(len(pos), 9, reg=99.0, reg_exponent=0.0)  # the model's own reg plays no part
+    assert lam == pytest.approx(0.1 * (3 + 0.5 * 9), abs=1e-5)
+    # the closed form: (c Q_p^T Q_p + a Q^T Q + lam I) v = c Q_p^T 1
+    a = 2.0 * q[pos].T @ q[pos] + 0.5 * q.T @ q + lam * torch.eye(3, dtype=torch.float64)
+    v = torch.linalg.solve(a, 2.0 * q[pos].sum(0))
+    v.requires_grad_(True)
+    (task.fold_in_loss(q @ v, pos) + lam * v.pow(2).sum()).backward()
+    assert v.grad.abs().max() < 1e-9
