@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -94,3 +95,26 @@ def indexed_inter(tiny_inter) -> Interactions:
     """``tiny_inter`` whose ratings are the row numbers, so every split part says which rows it got."""
     n = len(tiny_inter)
     return Interactions(**{**tiny_inter.__dict__, "ratings": torch.arange(n, dtype=torch.float32)})
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found():
+    """Each test finds logging as the previous one found it: a Hydra run in this process (a sweep
+    fixture, a script's main) configures handlers on sys.stdout and non-propagating loggers, which
+    would otherwise hide later tests' records from caplog and write to streams pytest has closed."""
+    manager = logging.Logger.manager
+    before = {name: (lg.handlers[:], lg.propagate, lg.level, lg.disabled)
+              for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger()
+    root_before = (root.handlers[:], root.level)
+    yield
+    for name, lg in list(manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger):
+            continue
+        handlers, propagate, level, disabled = before.get(name, ([], True, logging.NOTSET, False))
+        lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+        lg.setLevel(level)
+    for handler in root.handlers[:]:  # what a Hydra run added to the root; pytest's own handlers stay
+        if handler not in root_before[0] and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(root_before[1])
