@@ -9,12 +9,13 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo $(TORCH_CPU_INDEX))
 ARGS ?=
 
-.PHONY: help install train test test-fast benchmark results clean
+.PHONY: help install train test test-fast benchmark benchmark-ranking results clean
 
 help:
 	@echo "make train [ARGS='model=hybrid split=kfold']  set up .venv, fetch ML-100k, train, print the summary"
 	@echo "make test                                     set up .venv, run the test suite"
 	@echo "make benchmark                                ML-100k accuracy/time against Surprise and cornac (bench_out/)"
+	@echo "make benchmark-ranking                        top-N against implicit and cornac: ML-100k + ML-20M-shaped (about 1.5 h)"
 	@echo "make results                                  regenerate the README results table (ML-100k)"
 	@echo "make install TORCH_INDEX=<pytorch wheel index> pick a torch build (e.g. a CUDA one)"
 
@@ -47,6 +48,10 @@ test: install
 benchmark: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python scripts/benchmark.py --suite ml100k --out bench_out/ml100k
+
+benchmark-ranking: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python scripts/benchmark.py --suite ranking --out bench_out/ranking
 
 results: install
 	$(BIN)/python scripts/results.py

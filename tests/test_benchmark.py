@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO
 from recsys_torch.tools import benchmark as bench
@@ -243,3 +244,160 @@ def test_our_shipped_rows_run_without_the_peers(tmp_path):
                      str(tmp_path), isolate=False)
     assert [r["name"] for r in rows] == ["mf-defaults", "baseline"]
     assert all(r["rmse"] is not None and 0.3 < r["rmse"] < 2.0 for r in rows), rows
+
+
+# ---- --suite ranking --------------------------------------------------------------------------------
+from recsys_torch.tools import ranking_bench as rank  # noqa: E402
+
+HAS_IMPLICIT = rank.available("implicit")
+TINY_RANKING = ["--datasets", "synthetic", "--n-users", "60", "--n-items", "40", "--n-ratings", "1200"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ranking():
+    """The tiny synthetic implicit set (every interaction a positive, per-user 75/5/20), built like a run."""
+    spec = rank.synthetic_spec(60, 40, 1200, eval_users=20)
+    return spec, rank.prepare(spec)
+
+
+def test_ranking_data_is_the_runs_split(tiny_ranking):
+    from recsys_torch.cli import compose
+    from recsys_torch.train import build
+
+    spec, data = tiny_ranking
+    split = build(compose([*spec.overrides, "logger=none"])).splits[0]
+    for part, inter in enumerate((split.train, split.val, split.test)):
+        u, i = data.arrays(part)
+        assert sorted(zip(u.tolist(), i.tolist())) == sorted(zip(inter.users.tolist(), inter.items.tolist()))
+    assert len(data.eval_users) == 20 and set(data.eval_users) <= set(split.test.users.tolist())
+
+
+def test_ranking_suite_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _script().main(["--suite", "ranking", *TINY_RANKING, "--epochs", "3", "--eval-users", "20",
+                           "--speed-threads", "1", "--speed-epochs", "2", "--in-process", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "benchmark.json").read_text())
+    results = [r for r in rows if r["kind"] == "row"]
+    assert [r["name"] for r in results] == list(rank.DEFAULT_MODELS)
+    for row in results:
+        assert set(rank.ROW_KEYS) <= set(row), row
+        if rank.available(row["library"]):
+            assert 0 <= row["ndcg"] <= 1 and 0 <= row["recall"] <= 1 and row["fit_seconds"] > 0, row
+            assert row["seconds_per_epoch"] > 0 and row["peak_rss_mb"] >= row["fit_peak_rss_mb"] > 10
+            assert row["n_test_users"] == 20  # the fixed seeded sample of test users
+        else:
+            assert row["ndcg"] is None and "not installed" in row["notes"]
+    ours = {r["name"]: r for r in results if r["library"] == "recsys_torch"}
+    assert ours["ours-als"]["epochs"].count("+") == 1  # early stopping, then the refit
+    assert ours["ours-user-softmax"]["epochs"] == "3"  # large data: a fixed number of epochs, --epochs wins
+    speed = [r for r in rows if r["kind"] == "speed"]
+    assert {r["name"] for r in speed} == set(rank.SPEED_MODELS)  # implicit's says "not installed" without it
+    assert all(len(r["epoch_seconds"]) == 2 and r["seconds_per_epoch"] > 0 for r in speed if not r.get("notes"))
+    md = (out / "benchmark.md").read_text()
+    for column in ("NDCG@10", "Recall@10", "fit s", "s / epoch", "peak RSS MB", "settings"):
+        assert f"| {column} |" in md
+    assert ("ratio" in md) == HAS_IMPLICIT and "Data `synthetic-1.2k`" in md
+    assert md in capsys.readouterr().out + "\n"
+
+
+def test_ranking_tuning_picks_the_best_point(tmp_path, tiny_ranking):
+    from dataclasses import replace
+
+    spec, data = tiny_ranking
+    path = str(tmp_path / "data.npz")
+    data.save(path)
+    entries = [replace(rank.CATALOG["ours-gramian-adam"].override(epochs=20), grid=(rank.axis("trainer.lr", [0.01, 0.1]),))]
+    if HAS_IMPLICIT:
+        entries.append(replace(rank.CATALOG["implicit-als"].override(epochs=3),
+                               grid=(rank.axis("factors", [4, 8]), rank.axis("alpha", [1.0, 5.0]))))
+    specs = [rank.Spec(e, path, spec.label, list(spec.ours), spec.large, kind="tune") for e in entries]
+    rows = rank.run_specs(specs, data, isolate=False)
+    assert [len(r["points"]) for r in rows] == [2, 4][:len(rows)]
+    for row in rows:
+        assert row["best"]["val_ndcg"] == max(p["val_ndcg"] for p in row["points"]) > 0
+        assert all(p["epochs"] >= 1 for p in row["points"])
+    assert rows[0]["points"][0]["settings"] == {"trainer.lr": 0.01}
+    md = rank.markdown_report(rows, "t", [])
+    assert "| ours-gramian-adam | trainer.lr {0.01, 0.1} (2 points) |" in md
+
+
+def test_ranking_tune_cli_writes_tuning_files(tmp_path):
+    out = tmp_path / "tune"
+    models = ["ours-als", *(["cornac-ease"] if HAS_CORNAC else [])]
+    assert _script().main(["--suite", "ranking", "--tune", *TINY_RANKING, "--models", *models, "--in-process",
+                           "--out", str(out)]) == 0
+    rows = json.loads((out / "tuning.json").read_text())
+    assert [r["name"] for r in rows] == models and len(rows[0]["points"]) == 1  # ours-als: the experiment as is
+    if HAS_CORNAC:
+        assert len(rows[1]["points"]) == len(rank.CATALOG["cornac-ease"].grid[0])
+    assert "Tuning on the ML-100k validation split" in (out / "tuning.md").read_text()
+
+
+def test_ranking_entries_replace_settings_and_skip_what_cannot_run():
+    entry = rank.CATALOG["ours-gramian-adam"].override(epochs=7, embedding_dim=16)
+    assert entry.params["overrides"].count("trainer.epochs=7") == 1 and "trainer.epochs=400" not in entry.settings
+    assert entry.params["large"] == ["trainer.epochs=7"] and entry.embedding_dim == 16
+    peer = rank.CATALOG["implicit-als"].override(epochs=3, embedding_dim=8)
+    assert peer.params["kwargs"]["iterations"] == 3 and peer.embedding_dim == 8
+    assert rank.CATALOG["cornac-ease"].override(epochs=3, embedding_dim=8).params == rank.CATALOG["cornac-ease"].params
+    wide = rank.RankData(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int8), 1, 30_000)
+    reason = rank.skip_reason(rank.CATALOG["cornac-ease"], wide)
+    assert reason is not None and ("Gram matrix" in reason or "not installed" in reason)
+    assert rank.skip_reason(rank.CATALOG["ours-als"], wide) is None
+    again = rank.Spec.from_json(rank.Spec(entry, "x.npz", "d", ["a=b"], True, 2, kind="speed").to_json())
+    assert again.entry == entry and again.ours == ["a=b"] and again.kind == "speed"
+
+
+def _train_mask(data, users):
+    u, i = data.arrays(0, 1)
+    mask = torch.zeros(len(users), data.n_items, dtype=torch.bool)
+    for row, user in enumerate(users.tolist()):
+        mask[row, i[u == user]] = True
+    return mask
+
+
+def _same_ranking(ours, theirs, own_scores):
+    """The same top-k: equal scores (by the peer's own rule) at every rank, and equal items where
+    the scores do not tie."""
+    np.testing.assert_allclose(own_scores[ours], own_scores[theirs], rtol=1e-5, atol=1e-6)
+    distinct = np.diff(np.sort(own_scores[theirs])).min() > 1e-6 if len(theirs) > 1 else True
+    if distinct:
+        assert list(ours) == list(theirs)
+
+
+@pytest.mark.skipif(not HAS_IMPLICIT, reason="implicit not installed")
+@pytest.mark.parametrize("algo", ["ALS", "BPR"])
+def test_implicit_wrapper_ranks_as_its_recommend(tiny_ranking, algo):
+    from recsys_torch.metrics import top_k
+
+    _, data = tiny_ranking
+    u, i = data.arrays(0, 1)
+    fitted = rank.peers.fit_implicit({"algo": algo, "kwargs": {"factors": 8, "iterations": 5}}, u, i, data.n_users,
+                                     data.n_items, 1, 0)
+    users = torch.tensor([0, 3, 7, 11])
+    ours, _ = top_k(rank.peer_model(fitted, data.n_users, data.n_items), users, 10, _train_mask(data, users))
+    X = rank.peers._user_items(u, i, data.n_users, data.n_items)
+    for row, user in enumerate(users.tolist()):
+        theirs, _ = fitted.model.recommend(user, X[user], N=10, filter_already_liked_items=True)
+        own = fitted.model.user_factors[user] @ fitted.model.item_factors.T
+        _same_ranking(ours[row].numpy(), np.asarray(theirs), own)
+
+
+@pytest.mark.skipif(not HAS_CORNAC, reason="cornac not installed")
+@pytest.mark.parametrize("algo,kwargs", [("BPR", {"k": 8, "max_iter": 20}), ("EASE", {"lamb": 50.0})])
+def test_cornac_wrapper_ranks_as_its_recommend(tiny_ranking, algo, kwargs):
+    from recsys_torch.metrics import top_k
+
+    _, data = tiny_ranking
+    u, i = data.arrays(0, 1)
+    fitted = rank.peers.fit_cornac_ranking({"algo": algo, "kwargs": kwargs}, u, i, data.n_users, data.n_items, 1, 0)
+    model = fitted.model
+    users = torch.tensor([0, 3, 7, 11])
+    ours, _ = top_k(rank.peer_model(fitted, data.n_users, data.n_items), users, 10, _train_mask(data, users))
+    dataset, _, known_i = rank.peers.cornac_dataset(u, i, np.ones(len(u), dtype=np.float32))
+    for row, user in enumerate(users.tolist()):
+        theirs = model.recommend(user, k=10, remove_seen=True, train_set=dataset)  # raw ids: our codes
+        own = np.full(data.n_items, -np.inf)
+        own[known_i] = model.score(model.uid_map[user])
+        _same_ranking(ours[row].numpy(), np.asarray(theirs), own)

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys_torch.errors import ConfigError, RecsysError
-from recsys_torch.metrics import aggregate_folds
 from recsys_torch.tools import peers
 from recsys_torch.tools.peers import Fitted
 
@@ -358,7 +357,9 @@ def _aggregate(folds: list[dict]) -> dict:
            "seconds_per_epoch": float(seconds.sum() / max(epochs.sum(), 1)),
            "fit_seconds_total": float(seconds.sum()), "n_train": float(n_train.mean()),
            "n_test": float(col("n_test").mean())}
-    if len(folds) > 1:  # the fold statistics of every run (recsys_torch.metrics.aggregate_folds)
+    if len(folds) > 1:  # the fold statistics of every run (imported here: a peer's process never loads torch)
+        from recsys_torch.metrics import aggregate_folds
+
         stats = aggregate_folds([{"test/rmse": f["rmse"], "test/mae": f["mae"]} for f in folds])
         out.update(n_folds=len(folds), rmse_std=stats["test/rmse_std"], mae_std=stats["test/mae_std"])
     return out

@@ -130,3 +130,116 @@ def fit_cornac(params: dict, data: BenchData, part: int, threads: int, seed: int
         return np.clip(est, *data.rating_scale)
 
     return Fitted(predict_fn, seconds, int(params["kwargs"].get("max_iter", 20)), len(ratings), model)
+
+
+# ---- top-N ranking peers (implicit, cornac BPR / EASE, LightFM) ------------------------------------
+# A ranking fitter is ``fit(params, users, items, n_users, n_items, threads, seed) -> RankFitted``:
+# ``users``/``items`` are the training positives in our codes (every code below n_users / n_items
+# is valid, seen or not); ``RankFitted.scores(users)`` gives ``[len(users), n_items]`` float32 scores
+# in our item codes, the peer's own scoring rule (-inf where the peer knows no such item).
+@dataclass
+class RankFitted:
+    scores: Callable[[np.ndarray], np.ndarray]
+    fit_seconds: float
+    iterations: int
+    n_train: int
+    model: object = None  # the library's fitted model
+    iteration_seconds: list | None = None  # per iteration, where the library reports it
+
+
+def _user_items(users, items, n_users: int, n_items: int):
+    """The positives as a ``users x items`` CSR of ones (float32): what implicit and LightFM fit."""
+    import scipy.sparse as sp
+
+    ones = np.ones(len(users), dtype=np.float32)
+    return sp.csr_matrix((ones, (users.astype(np.int64), items.astype(np.int64))), shape=(n_users, n_items))
+
+
+def fit_implicit(params, users, items, n_users, n_items, threads, seed) -> RankFitted:
+    """implicit's ``AlternatingLeastSquares`` (iALS, conjugate gradient; ``algo`` ALS) or
+    ``BayesianPersonalizedRanking`` (``algo`` BPR; its item factors carry the item bias)."""
+    from threadpoolctl import threadpool_limits
+
+    algo, kwargs = params["algo"], dict(params["kwargs"])
+    if algo not in ("ALS", "BPR"):
+        raise ConfigError(f"implicit model {algo!r} is not wired into the ranking benchmark")
+    if algo == "ALS":  # imported before the BLAS limit below, so that it covers the BLAS they load
+        from implicit.cpu.als import AlternatingLeastSquares as Model
+    else:
+        from implicit.cpu.bpr import BayesianPersonalizedRanking as Model
+    X = _user_items(users, items, n_users, n_items)
+    # implicit parallelizes over users itself and asks for a single-threaded BLAS (it warns otherwise)
+    with threadpool_limits(1, "blas"):
+        model = Model(**kwargs, num_threads=threads, random_state=seed)
+        times: list[float] = []
+        t0 = time.perf_counter()
+        model.fit(X, show_progress=False, callback=lambda iteration, elapsed, *rest: times.append(float(elapsed)))
+        seconds = time.perf_counter() - t0
+    user_factors, item_factors = model.user_factors, model.item_factors
+
+    def scores(u):  # what its recommend ranks by: user_factors @ item_factors.T
+        return user_factors[u] @ item_factors.T
+
+    return RankFitted(scores, seconds, len(times), len(users), model, times)
+
+
+def _known_scores(user_part: Callable, known_u, known_i, n_items: int) -> Callable:
+    """Scores over our item codes from a peer that compacts ids (cornac): ``user_part(inner users)``
+    gives ``[n, len(known_i)]``; items it never saw get -inf, users it never saw zeros."""
+    def scores(u):
+        iu, ku = _inner(known_u, u)
+        out = np.full((len(u), n_items), -np.inf, dtype=np.float32)
+        out[:, known_i] = 0.0
+        if ku.any():
+            rows = np.flatnonzero(ku)
+            out[np.ix_(rows, known_i)] = user_part(iu[ku])
+        return out
+
+    return scores
+
+
+def fit_cornac_ranking(params, users, items, n_users, n_items, threads, seed) -> RankFitted:
+    """cornac ``BPR`` (score ``u_factors @ i_factors.T + i_biases``) or ``EASE`` (``X_u @ B``)."""
+    import cornac.models
+
+    dataset, known_u, known_i = cornac_dataset(users, items, np.ones(len(users), dtype=np.float32))
+    kwargs = dict(params["kwargs"])
+    if params["algo"] == "BPR":
+        import cornac.models.bpr.recom_bpr  # noqa: F401  (imported by the first fit otherwise: not fitting)
+
+        # cornac runs single-threaded whenever a seed is given, so only the 1-thread rows are seeded
+        model = cornac.models.BPR(num_threads=threads, seed=seed if threads == 1 else None, verbose=False, **kwargs)
+        iterations = int(kwargs.get("max_iter", 100))
+    elif params["algo"] == "EASE":
+        model = cornac.models.EASE(verbose=False, seed=seed, **kwargs)
+        iterations = 1
+    else:
+        raise ConfigError(f"cornac model {params['algo']!r} is not wired into the ranking benchmark")
+    t0 = time.perf_counter()
+    model.fit(dataset)
+    seconds = time.perf_counter() - t0
+    if params["algo"] == "BPR":
+        def part(iu):
+            return model.u_factors[iu] @ model.i_factors.T + model.i_biases[None, :]
+    else:
+        def part(iu):
+            return np.asarray(model.U[iu] @ model.B, dtype=np.float32)
+    return RankFitted(_known_scores(part, known_u, known_i, n_items), seconds, iterations, len(users), model)
+
+
+def fit_lightfm(params, users, items, n_users, n_items, threads, seed) -> RankFitted:
+    """LightFM (``loss="warp"``), ids only: score ``user_embeddings @ item_embeddings.T + item_biases``."""
+    from lightfm import LightFM
+
+    kwargs = dict(params["kwargs"])
+    epochs = int(kwargs.pop("epochs", 30))
+    model = LightFM(random_state=seed, **kwargs)
+    X = _user_items(users, items, n_users, n_items).tocoo()
+    t0 = time.perf_counter()
+    model.fit(X, epochs=epochs, num_threads=threads)
+    seconds = time.perf_counter() - t0
+
+    def scores(u):
+        return (model.user_embeddings[u] @ model.item_embeddings.T + model.item_biases[None, :]).astype(np.float32)
+
+    return RankFitted(scores, seconds, epochs, len(users), model)
