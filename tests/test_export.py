@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -21,39 +22,12 @@ from recsys_torch.train import train
 
 SCRIPT = str(REPO / "scripts" / "export.py")
 
-# The README's snippets, run as they are written (from the folder holding exports/).
-README_PANDAS = '''
-import json
-import numpy as np
-import pandas as pd
-
-out = "exports"  # python scripts/export.py run_dir=DIR out=exports
-meta = json.load(open(f"{out}/meta.json"))
-users = pd.read_parquet(f"{out}/users.parquet").set_index("id")  # id, known, bias, vector
-items = pd.read_parquet(f"{out}/items.parquet")                  # id, title, known, bias, vector
-item_vectors = np.stack(items["vector"].to_numpy())              # [n_items, dim] float32
-
-u = users.loc["196"]
-scores = meta["global_bias"] + u["bias"] + items["bias"].to_numpy() + item_vectors @ u["vector"]
-top10 = items.assign(score=scores)[items["known"]].nlargest(10, "score")[["id", "title", "score"]]
-'''
-
-README_NUMPY = '''
-import json
-import numpy as np
-
-out = "exports"  # python scripts/export.py run_dir=DIR out=exports format=npy
-meta = json.load(open(f"{out}/meta.json"))
-user_ids, item_ids = np.load(f"{out}/user_ids.npy"), np.load(f"{out}/item_ids.npy")  # str
-P, Q = np.load(f"{out}/user_vectors.npy"), np.load(f"{out}/item_vectors.npy")       # [n, dim] float32
-bu, bi = np.load(f"{out}/user_bias.npy"), np.load(f"{out}/item_bias.npy")
-known = np.load(f"{out}/item_known.npy")   # items the run can recommend
-
-u = np.flatnonzero(user_ids == "196")[0]
-scores = meta["global_bias"] + bu[u] + bi + Q @ P[u]
-scores[~known] = -np.inf
-top10 = item_ids[np.argsort(-scores)[:10]]
-'''
+# The README's snippets, read from README.md and run as they are written (from the folder holding exports/).
+def readme_snippet(name: str) -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(rf"<!-- export-{name}:start -->\s*```python\n(.*?)```\s*<!-- export-{name}:end -->", text, re.S)
+    assert block, f"README has no export-{name} snippet"
+    return block.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +82,9 @@ def test_export_round_trip_equals_the_recommender_tables(tmp_path, fmt):
     assert not rec.candidates[-1] and rec.candidates[0]
 
 
-@pytest.mark.parametrize("fmt, snippet", [("parquet", README_PANDAS), ("npy", README_NUMPY)], ids=["pandas", "numpy"])
+@pytest.mark.parametrize("fmt, snippet", [("parquet", "pandas"), ("npy", "numpy")], ids=["pandas", "numpy"])
 def test_the_readme_snippet_reads_an_export(tmp_path, monkeypatch, fmt, snippet):
+    snippet = readme_snippet(snippet)
     rec = readme_recommender()
     export_embeddings(rec, str(tmp_path / "exports"), fmt)
     monkeypatch.chdir(tmp_path)
