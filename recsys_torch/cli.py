@@ -23,6 +23,8 @@ import sys
 from collections.abc import Callable
 
 from recsys_torch.errors import ConfigError, TrainingInterrupted, user_error
+from recsys_torch.signals import install as install_signal_handlers
+from recsys_torch.signals import signal_name
 
 log = logging.getLogger("recsys_torch")
 
@@ -62,7 +64,8 @@ def instantiation_error(exc: BaseException) -> str | None:
 def error_line(exc: BaseException) -> tuple[str, int] | None:
     """``(message, exit status)`` for an error a user caused, or None for a bug (let it raise)."""
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", 128 + signal.SIGINT
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        return ("interrupted" if signum == signal.SIGINT else f"terminated ({signal_name(signum)})"), 128 + signum
     found = user_error(exc)
     if isinstance(found, TrainingInterrupted):
         return str(found), 128 + found.signum
@@ -108,6 +111,8 @@ def errors():
 def run(body: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run a script's ``body(argv)`` under the one error path; its exit status (2 after a user error,
     whose one line went to stderr)."""
+    if argv is None:  # a script's own process: SIGTERM stops it like SIGINT, with one line
+        install_signal_handlers()
     try:
         return int(body(sys.argv[1:] if argv is None else list(argv)) or 0)
     except SystemExit:
@@ -214,6 +219,7 @@ def precheck(argv: list[str]) -> None:
     does not exist ends with one ``error:`` line and exit 2 rather than Hydra's multi-line report
     (a misspelled key also gets the closest real one), and a run folder in use is refused before
     Hydra writes into it. Sweeps (``-m``) and Hydra's own flags are left to Hydra."""
+    install_signal_handlers()  # SIGTERM stops a run like SIGINT (one line, run.json failed), sweeps too
     if any(a.startswith("-") for a in argv):
         return
     from hydra.errors import HydraException

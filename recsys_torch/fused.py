@@ -21,7 +21,7 @@ import torch
 
 from recsys_torch.errors import TrainingInterrupted
 from recsys_torch.optim import OptimizerGroup, advance_adam_state
-from recsys_torch.signals import signal_name
+from recsys_torch.signals import record, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,29 @@ _failed: str | None = None
 
 def build_directory() -> tuple[str, str]:
     """``(module name, build folder)`` of this checkout's kernel. Both carry a hash of the source's
-    path and content, the flags and torch's version: two checkouts (or versions) never share a
-    build folder, so neither makes ninja rebuild the other's."""
+    path and content, the flags, torch's version and the ninja on PATH: two checkouts (or versions, or
+    ninjas) never share a build folder, so neither makes ninja rebuild the other's."""
     from torch.utils.cpp_extension import get_default_build_root
 
     with open(_SOURCE, "rb") as fh:
-        key = fh.read() + "\0".join([_SOURCE, *FLAGS, torch.__version__]).encode()
+        key = fh.read() + "\0".join([_SOURCE, *FLAGS, torch.__version__, _ninja()]).encode()
     name = f"recsys_torch_mf_fused_{hashlib.sha256(key).hexdigest()[:16]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return name, os.path.join(root, name)
+
+
+def _ninja() -> str:
+    """Which ninja builds the kernel (its path and version): two ninjas record their build commands
+    differently, and each would rebuild the other's objects (a minute, holding the build lock)."""
+    import shutil
+    import subprocess
+
+    path = shutil.which("ninja") or ""
+    try:
+        version = subprocess.run([path or "ninja", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return f"{path} {version.strip()}"
 
 
 @contextlib.contextmanager
@@ -90,6 +104,7 @@ def _signals_recorded(received: list):
 
     def handle(signum, frame):
         received.append(signum)
+        record(signum)
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -38,13 +38,33 @@ def atomic_write(path: str, write) -> None:
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        cause = _os_error(exc)
+        if cause is not None:
+            reason = cause.strerror or str(cause) or type(cause).__name__
             raise OutputError(f"cannot write {path}: {reason}") from None
-        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch.save wraps ENOSPC
+        if isinstance(exc, RuntimeError) and _torch_write_failure(str(exc)):  # torch.save's own file writer
             raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0][:160]}") from None
         raise
     _fsync_folder(folder)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or one it was raised from or while handling: torch.save
+    raises a RuntimeError of its own when the disk fills, while the OSError is being handled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _torch_write_failure(message: str) -> bool:
+    """torch.save's zip writer failing (``PytorchStreamWriter failed writing file``, ``[enforce fail
+    at inline_container.cc] unexpected pos``), as on a full disk."""
+    lowered = message.lower()
+    return "write" in lowered or "inline_container" in lowered
 
 
 def _fsync_folder(folder: str) -> None:

@@ -25,6 +25,7 @@ import uuid
 
 from recsys_torch.errors import ConfigError, OutputError, user_error
 from recsys_torch.io import atomic_json, remove_stale_temporaries
+from recsys_torch.signals import check as check_signals
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = "run.json"
@@ -138,7 +139,10 @@ class RunFolder:
         return False
 
     def finish(self, files: list[str]) -> None:
-        """The run's outputs (``files``, names inside the folder) are written: mark the set complete."""
+        """The run's outputs (``files``, names inside the folder) are written: mark the set complete,
+        unless a SIGINT or SIGTERM reached the process (its exception may have been swallowed, e.g.
+        inside a finalizer): then the run fails."""
+        check_signals()
         self._write_manifest("complete", files=files)
 
     # ---- internals ------------------------------------------------------------------------------

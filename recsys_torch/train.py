@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys_torch import cli
 from recsys_torch.checks import number
 from recsys_torch.data.dataset import Dataset, encode
-from recsys_torch.errors import ConfigError
+from recsys_torch.errors import ConfigError, TrainingInterrupted
 from recsys_torch.experiment import Experiment, run
 from recsys_torch.loggers import NullLogger
 from recsys_torch.runfolder import RunFolder
@@ -178,6 +178,8 @@ def _trial(cfg: DictConfig, output_dir: str) -> float | None:
     2.x cannot be told NaN)."""
     try:
         metrics = train(cfg, output_dir, need_objective=True)
+    except TrainingInterrupted:
+        raise  # a SIGINT / SIGTERM stops the sweep, not just this trial
     except Exception as exc:  # noqa: BLE001 -- a bug still raises below
         found = cli.error_line(exc)
         if found is None:

@@ -98,6 +98,22 @@ def indexed_inter(tiny_inter) -> Interactions:
 
 
 @pytest.fixture(autouse=True)
+def _signals_left_as_found():
+    """Each test finds SIGINT / SIGTERM handling as the previous one found it: a test that signals this
+    process (or runs a script's precheck, which installs the scripts' handlers) would otherwise leave
+    a recorded signal that fails every later run at its finish."""
+    import signal
+
+    from recsys_torch import signals
+
+    handlers = {sig: signal.getsignal(sig) for sig in signals.SIGNALS}
+    yield
+    signals._received.clear()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
 def _logging_left_as_found():
     """Each test finds logging as the previous one found it: a Hydra run in this process (a sweep
     fixture, a script's main) configures handlers on sys.stdout and non-propagating loggers, which

@@ -85,3 +85,17 @@ def test_a_signal_during_the_build_stops_the_run(fresh_build, monkeypatch):
         fused.load_extension(timeout=1)
     assert info.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_two_ninjas_build_in_two_folders(monkeypatch, tmp_path):
+    """A venv's ninja and the system's record their build commands differently: sharing a folder,
+    each rebuilt the other's object (a minute, holding the build lock)."""
+    from recsys_torch import fused
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(fused, "_ninja", lambda: "/venv/bin/ninja 1.13.2")
+    first = fused.build_directory()
+    monkeypatch.setattr(fused, "_ninja", lambda: "/usr/bin/ninja 1.11.1")
+    assert fused.build_directory()[1] != first[1]
+    monkeypatch.undo()
+    assert fused._ninja() == fused._ninja()  # the real one: stable within a machine

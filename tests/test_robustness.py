@@ -336,6 +336,23 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+
+def test_a_full_disk_under_torch_save_is_one_line(tmp_path, monkeypatch):
+    """torch.save's zip writer raises its own RuntimeError while handling the OSError of a full disk
+    (seen on a 400 KiB tmpfs): that is still the one-line OutputError, naming the real reason."""
+    path = tmp_path / "checkpoint.pt"
+
+    def fills_the_disk(obj, fh):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 260096 vs 260048")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(OutputError, match=r"cannot write .*checkpoint\.pt: No space left on device$"):
+        atomic_torch_save(str(path), {"version": 2})
+    assert os.listdir(tmp_path) == []
+
 # --- data that pandas read without a word: shifted columns, float32 overflow, unmatched or non-numeric features
 
 
