@@ -233,7 +233,8 @@ def precheck(argv: list[str]) -> None:
         if who is not None:
             fail(f"{os.path.abspath(run_dir)} is in use by another run ({who}): wait for it to finish, or choose "
                  "another hydra.run.dir")
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    # Hydra's own settings are Hydra's, except the search path, which decides where configs are found
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra") or a.lstrip("+~").startswith("hydra.searchpath")]
     try:
         compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -245,6 +246,24 @@ def precheck(argv: list[str]) -> None:
         if missing:
             fail(_unknown_key(missing.group(1), overrides))
         fail(" ".join(lines[:2]))
+    except Exception as exc:  # noqa: BLE001 -- a config file that is no YAML (yaml.YAMLError); else a bug
+        message = _yaml_error(exc)
+        if message is None:
+            raise
+        fail(message)
+
+
+def _yaml_error(exc: BaseException) -> str | None:
+    """A config file with a YAML syntax error, as one line naming the file and the line."""
+    import yaml
+
+    if not isinstance(exc, yaml.YAMLError):
+        return None
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML ({context + ': ' if context else ''}{problem})"
 
 
 def _unknown_key(dotted: str, overrides: list[str]) -> str:
