@@ -365,21 +365,23 @@ def _aggregate(folds: list[dict]) -> dict:
     return out
 
 
-def run_isolated(spec: Spec) -> dict:
-    """:func:`run_row` in a fresh Python process with ``spec.threads`` threads everywhere; a failure
-    becomes a row with empty figures and the reason in ``notes``."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def run_isolated(spec, module: str = __name__, failed=None) -> dict:
+    """``module``'s row function run on ``spec`` in a fresh Python process (``python -m module --worker
+    SPEC``) with ``spec.threads`` threads everywhere; a failure becomes ``failed(spec, notes)`` (default
+    :func:`failed_row`), a row with empty figures and the reason in ``notes``. The ranking suite
+    (:mod:`recsys_torch.tools.ranking_bench`) runs its rows through here too."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     threads = str(spec.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "recsys_torch.tools.benchmark", "--worker", spec.to_json()],
+           "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", spec.to_json()],
                           capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_ROW_PREFIX)]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1][len(_ROW_PREFIX):])
     tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     why = tail[-1].strip() if tail else f"exit status {proc.returncode}"
-    return failed_row(spec, f"failed (exit {proc.returncode}): {why}")
+    return (failed or failed_row)(spec, f"failed (exit {proc.returncode}): {why}")
 
 
 def failed_row(spec: Spec, notes: str) -> dict:
@@ -387,12 +389,13 @@ def failed_row(spec: Spec, notes: str) -> dict:
             "name": spec.entry.name, "settings": spec.entry.settings, "notes": notes}
 
 
-def worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str], module: str = __name__, run=None, parse=None) -> int:
+    """The worker side of :func:`run_isolated`: ``run(parse(SPEC))`` printed as one marked JSON line."""
     if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m recsys_torch.tools.benchmark --worker SPEC_JSON", file=sys.stderr)
+        print(f"usage: python -m {module} --worker SPEC_JSON", file=sys.stderr)
         return 2
     try:
-        row = run_row(Spec.from_json(argv[1]))
+        row = (run or run_row)((parse or Spec.from_json)(argv[1]))
     except RecsysError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -515,15 +518,13 @@ def markdown_report(rows: list[dict], title: str, description: list[str], target
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: str, rows: list[dict], report: str) -> None:
-    """``benchmark.json`` (the rows) and ``benchmark.md``, each written whole or not at all."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("benchmark.json", json.dumps(rows, indent=2) + "\n"), ("benchmark.md", report)):
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+def write_outputs(out_dir: str, rows: list[dict], report: str, stem: str = "benchmark") -> None:
+    """``<stem>.json`` (the rows) and ``<stem>.md``, each written whole or not at all (a full disk is
+    one error line)."""
+    from recsys_torch.io import atomic_write
+
+    for name, text in ((f"{stem}.json", json.dumps(rows, indent=2) + "\n"), (f"{stem}.md", report)):
+        atomic_write(os.path.join(out_dir, name), lambda fh, text=text: fh.write(text.encode("utf-8")))
 
 
 def progress_line(index: int, total: int, row: dict) -> str:

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import numpy as np
 
 from recsys_torch.errors import ConfigError, RecsysError
 from recsys_torch.tools import peers
+from recsys_torch.tools import benchmark as bench
 from recsys_torch.tools.benchmark import peak_rss_mb
 
 OURS = "recsys_torch"
@@ -54,7 +54,6 @@ PEERS = ("implicit", "cornac", "lightfm")
 K = 10
 ROW_KEYS = ("dataset", "library", "model", "embedding_dim", "threads", "ndcg", "recall", "fit_seconds",
             "seconds_per_epoch", "peak_rss_mb", "settings")
-_ROW_PREFIX = "BENCHMARK_ROW "
 # cornac's EASE inverts a dense items x items Gram matrix: (G, its inverse, B) at float32 is about
 # 12 x n_items^2 bytes, and the inverse O(n_items^3); beyond this many items the row is not run
 EASE_MAX_ITEMS = 12_000
@@ -596,20 +595,8 @@ def run_tune(spec: Spec, data: RankData) -> dict:
 
 
 def run_isolated(spec: Spec) -> dict:
-    """:func:`run_row` in a fresh Python process with ``spec.threads`` threads everywhere; a failure
-    becomes a row with empty figures and the reason in ``notes``."""
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    threads = str(spec.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "recsys_torch.tools.ranking_bench", "--worker", spec.to_json()],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_ROW_PREFIX)]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1][len(_ROW_PREFIX):])
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    why = tail[-1].strip() if tail else f"exit status {proc.returncode}"
-    return empty_row(spec, f"failed (exit {proc.returncode}): {why}")
+    """:func:`run_row` in a fresh Python process (:func:`recsys_torch.tools.benchmark.run_isolated`)."""
+    return bench.run_isolated(spec, __name__, empty_row)
 
 
 def empty_row(spec: Spec, notes: str) -> dict:
@@ -618,16 +605,7 @@ def empty_row(spec: Spec, notes: str) -> dict:
 
 
 def worker_main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m recsys_torch.tools.ranking_bench --worker SPEC_JSON", file=sys.stderr)
-        return 2
-    try:
-        row = run_row(Spec.from_json(argv[1]))
-    except RecsysError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(_ROW_PREFIX + json.dumps(row), flush=True)
-    return 0
+    return bench.worker_main(argv, __name__, run_row, Spec.from_json)
 
 
 # ---- a whole suite ---------------------------------------------------------------------------------------
@@ -791,15 +769,7 @@ def tuning_report(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def write_outputs(out_dir: str, rows: list[dict], report: str, stem: str = "benchmark") -> None:
-    """``<stem>.json`` (the rows) and ``<stem>.md``, each written whole or not at all."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in ((f"{stem}.json", json.dumps(rows, indent=2) + "\n"), (f"{stem}.md", report)):
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+write_outputs = bench.write_outputs
 
 
 if __name__ == "__main__":
