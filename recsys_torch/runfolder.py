@@ -26,6 +26,7 @@ import uuid
 from recsys_torch.errors import ConfigError, OutputError, user_error
 from recsys_torch.io import atomic_json, remove_stale_temporaries
 from recsys_torch.signals import check as check_signals
+from recsys_torch.signals import forget as forget_signals
 
 LOCK_NAME = ".lock"
 MANIFEST_NAME = "run.json"
@@ -116,6 +117,7 @@ class RunFolder:
         except OSError as exc:
             raise OutputError(f"cannot create the run folder {self.path}: {exc.strerror or exc}") from None
         self._lock()
+        forget_signals()  # what stopped an earlier run in this process (a notebook) is not this run's
         try:
             self._check_saved_state()
             remove_stale_temporaries(self.path)

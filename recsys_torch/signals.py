@@ -53,6 +53,11 @@ def install() -> None:
             signal.signal(sig, _raise)
 
 
+def forget() -> None:
+    """A new run starts: signals that stopped an earlier one in this process (a notebook) are not its."""
+    _received.clear()
+
+
 def check(what: str = "the run") -> None:
     """Raise :class:`TrainingInterrupted` if a SIGINT or SIGTERM reached this process."""
     signum = received()

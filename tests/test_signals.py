@@ -64,3 +64,11 @@ def test_an_interrupted_trial_stops_the_sweep(monkeypatch, tmp_path):
     monkeypatch.setattr(entry, "train", interrupted)
     with pytest.raises(TrainingInterrupted):
         entry._trial(None, str(tmp_path))
+
+
+def test_a_signal_that_stopped_an_earlier_run_does_not_fail_the_next(tmp_path):
+    """In a notebook one process runs many fits: a Ctrl-C that stopped one is not the next one's."""
+    signals.record(signal.SIGINT)  # what the trainer's guard recorded when an earlier fit was stopped
+    with RunFolder(str(tmp_path)) as run:
+        run.finish([])
+    assert read_manifest(str(tmp_path))["status"] == "complete"
