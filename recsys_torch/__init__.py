@@ -9,11 +9,11 @@ import sys as _sys
 
 __version__ = "0.1.0"
 
-# OpenMP threads that wait by sleeping, not spinning. With the default (spinning) wait, torch's threads
-# burn the cores another busy process needs, and a 2-thread ranking fit on a 2-core machine beside one
-# busy process ran 20-30 times slower than at 1 thread (docs/benchmarks.md, "Threads"); with passive
-# waits it stays near the 1-thread time. Set before torch loads its OpenMP runtime (it reads the
-# variable once); a value already in the environment wins.
+# OpenMP threads that wait by sleeping, not spinning. With OpenMP's default wait, torch's threads burn
+# the cores another busy process needs: a 2-thread fit on a 2-core machine ran 2-3 times slower than on
+# 1 thread beside one busy process, 32 times beside two; with passive waits it matches 1 thread, at no
+# cost when the machine is idle (docs/benchmarks.md, "Threads"). Set before torch loads its OpenMP
+# runtime (it reads the variable once); a value already in the environment wins.
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
