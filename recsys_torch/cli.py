@@ -113,16 +113,30 @@ def run(body: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     whose one line went to stderr)."""
     if argv is None:  # a script's own process: SIGTERM stops it like SIGINT, with one line
         install_signal_handlers()
+        logging.raiseExceptions = False  # a log line whose reader went away is dropped, not a traceback
     try:
         return int(body(sys.argv[1:] if argv is None else list(argv)) or 0)
     except SystemExit:
         raise
+    except BrokenPipeError:  # the reader went away (``... | head``): stop quietly, as a shell tool does
+        return stdout_closed()
     except BaseException as exc:  # noqa: BLE001 -- classified just below
         found = error_line(exc)
         if found is None:
             raise
         print(f"error: {found[0]}", file=sys.stderr)
         return found[1]
+
+
+def stdout_closed() -> int:
+    """Standard output's reader has gone: point stdout at /dev/null (so that the interpreter's last
+    flush cannot fail again with a traceback) and give the shell's status for SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
 
 
 # ---- arguments -------------------------------------------------------------------------------------
@@ -220,6 +234,7 @@ def precheck(argv: list[str]) -> None:
     (a misspelled key also gets the closest real one), and a run folder in use is refused before
     Hydra writes into it. Sweeps (``-m``) and Hydra's own flags are left to Hydra."""
     install_signal_handlers()  # SIGTERM stops a run like SIGINT (one line, run.json failed), sweeps too
+    logging.raiseExceptions = False  # a log line whose reader went away (train.py | head) is dropped, not a traceback
     if any(a.startswith("-") for a in argv):
         return
     from hydra.errors import HydraException

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable
 
 import hydra
@@ -162,7 +163,10 @@ def main(cfg: DictConfig) -> float | None:
     with cli.errors():
         metrics = train(cfg, output_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(cli.summary(metrics, output_dir))
+        try:
+            print(cli.summary(metrics, output_dir))
+        except BrokenPipeError:  # train.py | head: the run is complete, its summary has no reader
+            sys.exit(cli.stdout_closed())
     if cfg.trainer.get("distributed", False):
         from recsys_torch.distributed import teardown
 

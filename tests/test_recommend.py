@@ -725,3 +725,20 @@ def test_cli_ann_without_faiss_is_one_error_line(rating_run, capsys, monkeypatch
     for query in (["user=0"], ["item=1"], ["all_users=true", "out=never.parquet"]):
         code, out, err = in_process(capsys, f"run_dir={rating_run}", *query, "ann=true")
         assert code == 2 and out == "" and err == "error: ann=true needs faiss: pip install -e '.[ann]'\n"
+
+
+def test_a_reader_that_goes_away_is_no_traceback(rating_run):
+    """``recommend.py ... | head``: the reader closes the pipe before the answer is written. Was a
+    BrokenPipeError traceback; now the script stops quietly with the shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    user = Recommender.load(str(rating_run)).user_ids[0]
+    proc = subprocess.Popen([sys.executable, "scripts/recommend.py", f"run_dir={rating_run}", f"user={user}", "k=5",
+                             "format=json"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

@@ -265,3 +265,14 @@ def test_tensorboard_hparams_name_the_run(tmp_path, monkeypatch):
     train(compose_cfg(["trainer.epochs=1", "task=ranking"]), str(tmp_path))
     assert {k: seen[k] for k in ("model", "data", "split", "task", "seed")} == {
         "model": "MFModel", "data": "synthetic", "split": "random_split", "task": "ranking", "seed": 42}
+
+
+def test_a_run_whose_reader_goes_away_completes_without_a_traceback(tmp_path):
+    """``train.py | head``: the log lines and the summary lose their reader. Was a traceback per log
+    line ("--- Logging error ---") and one for the summary; now the run completes quietly, status 141."""
+    proc = subprocess.Popen([*T, f"hydra.run.dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "Logging error" not in err, err
+    assert read_manifest(str(tmp_path))["status"] == "complete"
