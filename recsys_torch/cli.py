@@ -241,7 +241,8 @@ def precheck(argv: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
-    if run_dir:
+    # under torchrun only rank 0 holds the run folder: the other ranks would find it held by their own job
+    if run_dir and int(os.environ.get("RANK", "0") or 0) == 0:
         from recsys_torch.runfolder import holder
 
         who = holder(run_dir)

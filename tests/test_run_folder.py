@@ -276,3 +276,16 @@ def test_a_run_whose_reader_goes_away_completes_without_a_traceback(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "Logging error" not in err, err
     assert read_manifest(str(tmp_path))["status"] == "complete"
+
+
+def test_under_torchrun_only_rank_0_asks_whether_the_run_folder_is_free(tmp_path, monkeypatch):
+    """Rank 1's pre-run check found the folder held by rank 0 of its own job whenever rank 0 got there
+    first, and the DDP run failed by chance (seen once in two clean-clone CI runs)."""
+    from recsys_torch.cli import precheck
+
+    with RunFolder(str(tmp_path)):  # rank 0 of the job holds it
+        monkeypatch.setenv("RANK", "1")
+        precheck(["data=synthetic", f"hydra.run.dir={tmp_path}"])  # no SystemExit
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(SystemExit):  # a second job's rank 0 is still refused
+            precheck(["data=synthetic", f"hydra.run.dir={tmp_path}"])
