@@ -134,3 +134,18 @@ def _logging_left_as_found():
         if handler not in root_before[0] and not type(handler).__module__.startswith("_pytest"):
             root.removeHandler(handler)
     root.setLevel(root_before[1])
+
+
+def run_script_reporting_imports(script: str, args: list[str], modules=("torch",)):
+    """Run ``script`` with ``args`` in a fresh interpreter (asserting it exits 0) and print, last,
+    whether each of ``modules`` was imported: ``torch imported: False pandas imported: False``."""
+    import subprocess
+    import sys
+
+    report = ", ".join(f"{m!r} + ' imported:', {m!r} in sys.modules" for m in modules)
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, *{list(args)!r}]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            f"print({report})\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

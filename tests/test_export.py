@@ -6,14 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, compose_cfg, make_inter
+from conftest import REPO, compose_cfg, make_inter, run_script_reporting_imports
 from recsys_torch import cli
 from recsys_torch.export import export_embeddings
 from recsys_torch.models import MFModel, PopularityModel
@@ -121,12 +120,7 @@ def load_script():
 
 def test_cli_exports_a_trained_run_without_importing_torch(run, tmp_path):
     out = tmp_path / "exports"
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{SCRIPT!r}, 'run_dir={run}', 'out={out}']\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-            "print('torch imported:', 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_script_reporting_imports(SCRIPT, [f"run_dir={run}", f"out={out}"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("wrote 60 users and 40 items (64 dims) to")
     assert proc.stdout.strip().endswith("torch imported: False")

@@ -14,7 +14,7 @@ import pytest
 from recsys_torch import cli as cli_errors
 import torch
 
-from conftest import REPO, compose_cfg
+from conftest import REPO, compose_cfg, run_script_reporting_imports
 from recsys_torch.data.features import Features
 from recsys_torch.errors import CheckpointError, ConfigError, UnknownIdError
 from recsys_torch.models import HybridModel, MFModel, PopularityModel
@@ -176,12 +176,7 @@ def test_recommend_serves_only_a_complete_run(tmp_path, rating_run):
 
 
 def test_cli_answers_a_user_query_without_importing_torch(rating_run):
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{SCRIPT!r}, 'run_dir={rating_run}', 'user=0', 'k=3']\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-            "print('torch imported:', 'torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_script_reporting_imports(SCRIPT, [f"run_dir={rating_run}", "user=0", "k=3"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("torch imported: False") and "top 3 for user 0" in out.stdout
 
@@ -608,12 +603,8 @@ def test_cli_all_users_stops_cleanly_on_sigterm(rating_run, tmp_path, capsys, mo
 
 def test_cli_all_users_without_importing_torch(rating_run, tmp_path):
     out = tmp_path / "recs.parquet"
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{SCRIPT!r}, 'run_dir={rating_run}', 'all_users=true', 'k=3', 'out={out}']\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-            "print('torch imported:', 'torch' in sys.modules, 'pandas imported:', 'pandas' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_script_reporting_imports(SCRIPT, [f"run_dir={rating_run}", "all_users=true", "k=3", f"out={out}"],
+                                        ("torch", "pandas"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("torch imported: False pandas imported: False") and out.exists()
     assert "60/60" in proc.stderr  # the progress bar
