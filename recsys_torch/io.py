@@ -51,6 +51,8 @@ def atomic_write(path: str, write) -> None:
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, or one it was raised from or while handling: torch.save
     raises a RuntimeError of its own when the disk fills, while the OSError is being handled)."""
+    if not isinstance(exc, Exception):  # an interrupt stays an interrupt, whatever it interrupted
+        return None
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -353,6 +353,19 @@ def test_a_full_disk_under_torch_save_is_one_line(tmp_path, monkeypatch):
         atomic_torch_save(str(path), {"version": 2})
     assert os.listdir(tmp_path) == []
 
+
+def test_an_interrupt_during_a_failed_write_stays_an_interrupt(tmp_path, monkeypatch):
+    def interrupted_while_handling_a_full_disk(obj, fh):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_while_handling_a_full_disk)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save(str(tmp_path / "last.pt"), {"version": 2})
+    assert os.listdir(tmp_path) == []
+
 # --- data that pandas read without a word: shifted columns, float32 overflow, unmatched or non-numeric features
 
 
