@@ -96,10 +96,10 @@ class RatingTask(Task):
 
     def loss(self, model: FactorizationModel, users, items, ratings, weights=None) -> torch.Tensor:
         """MSE plus the L2 penalty of the rows used, both per example and weighted by ``weights``."""
-        scores, penalty = model.score_with_penalty(users, items)
+        scores, penalty, others = model.training_scores(users, items)
         loss = losses.mse(scores, ratings, weights) + losses.weighted_mean(_rows(penalty, len(users), scores.device),
                                                                            weights)
-        for weight, other in model.auxiliary_scores(users, items):
+        for weight, other in others:
             loss = loss + weight * losses.mse(other, ratings, weights)
         return loss
 

@@ -206,6 +206,110 @@ def test_implicit_term_matches_a_naive_per_user_sum():
     assert torch.allclose(model.user_side(batch).vector, model.user_factors(batch) * known + vector, atol=1e-6)
 
 
+def test_implicit_term_of_most_users_is_one_sparse_product_equal_to_the_bags():
+    """Many distinct users take the all-users sparse product, a few the per-user bags: same terms,
+    same penalties, same gradients."""
+    g = torch.Generator().manual_seed(3)
+    n_users, n_items = 40, 9
+    users, items = torch.randint(0, n_users - 2, (150,), generator=g), torch.randint(0, n_items, (150,), generator=g)
+    model = HybridModel(n_users, n_items, None, None, embedding_dim=3, implicit=True, reg_implicit=0.3)
+    model.prepare(make_inter(users, items, [4.0] * 150, n_users=n_users, n_items=n_items))
+    term = model.implicit
+    few = torch.tensor([3, 17, 39])  # 3 * 8 < 40 users: the bags (39 rated nothing)
+    outputs = {}
+    for name, rows in (("bags", few), ("product", torch.arange(n_users))):
+        term.y.weight.grad = None
+        vector, penalty = term.rows(rows)
+        vector, penalty = vector[-len(few):] if name == "bags" else vector[few], penalty[few] if name == "product" else penalty
+        (vector.pow(3).sum() + penalty.sum()).backward()
+        outputs[name] = (vector.detach(), penalty.detach(), term.y.weight.grad.clone())
+    for a, b in zip(outputs["bags"], outputs["product"]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert outputs["bags"][0][2].abs().sum() == 0 and outputs["bags"][0][0].abs().sum() > 0
+
+
+def _reference_loss(model, users, items, ratings):
+    """The hybrid's rating loss written per example, straight from its parameters, in the order the
+    model draws its id dropout (users, then items)."""
+    def side(name, ids, dropout):
+        known = (model.known_users if name == "user" else model.known_items)[ids].float()
+        n = (model.user_count if name == "user" else model.item_count)[ids]
+        k = known * n / (n + model.id_prior)
+        k = k * (torch.rand(k.shape) >= dropout * model.id_prior / (n + model.id_prior)).float()
+        v = getattr(model, f"{name}_factors").weight[ids]
+        b = getattr(model, f"{name}_bias").weight[ids, 0]
+        tower, fusion = getattr(model, f"{name}_tower"), getattr(model, f"{name}_fusion")
+        f, fb, fp = tower.encode(tower.index[ids], tower.weight[ids], tower.dense[ids])
+        scale = (model.user_reg_scale if name == "user" else model.item_reg_scale)[ids]
+        penalty = k * scale * (model.reg * v.pow(2).sum(1) + model.reg_bias * b * b) + fp
+        vector, bias = fusion(v, b, f, fb, k)
+        alone = fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb))
+        if name == "user":
+            term = model.implicit
+            for row, u in enumerate(ids.tolist()):
+                js = term.indices[term.indptr[u]:term.indptr[u + 1]]
+                if len(js):
+                    y = term.y.weight[js]
+                    vector = vector + torch.nn.functional.one_hot(torch.tensor(row), len(ids)).float()[:, None] * (
+                        k[row] * y.sum(0) / math.sqrt(len(js)))
+                    penalty = penalty + torch.nn.functional.one_hot(torch.tensor(row), len(ids)).float() * (
+                        k[row] * term.reg * y.pow(2).sum(1).mean())
+        return vector, bias, penalty, alone
+
+    uv, ub, up, ua = side("user", users, model.user_id_dropout)
+    iv, ib, ip, ia = side("item", items, model.item_id_dropout)
+    score = model.global_bias + ub + ib + (uv * iv).sum(1)
+    other = model.global_bias + ua[1] + ia[1] + (ua[0] * ia[0]).sum(1)
+    return ((score - ratings) ** 2).mean() + (up + ip).mean() + model.feature_alone * ((other - ratings) ** 2).mean()
+
+
+@pytest.mark.parametrize("fusion", ["sum", "gated", "concat"])
+@pytest.mark.parametrize("dropout", [{}, {"user_id_dropout": 0.5, "item_id_dropout": 0.3}])
+def test_batched_sides_equal_the_per_example_formula(fusion, dropout):
+    """The model computes each distinct entity once and gathers; the loss and every gradient equal
+    the per-example formula's."""
+    from recsys_torch.tasks import RatingTask
+
+    model = build("hybrid_sum", fusion=fusion, implicit=True, id_prior=2.0, feature_alone=0.4, reg=0.2,
+                  reg_bias=0.1, reg_exponent=0.5, **dropout)
+    train = full_train()
+    model.prepare(train)
+    model.train()
+    g = torch.Generator().manual_seed(5)
+    pick = torch.randint(0, len(train), (30,), generator=g)
+    users, items, ratings = train.users[pick], train.items[pick], train.ratings[pick]
+    grads = []
+    for loss_of in (lambda: RatingTask().loss(model, users, items, ratings),
+                    lambda: _reference_loss(model, users, items, ratings)):
+        model.zero_grad()
+        torch.manual_seed(11)
+        loss = loss_of()
+        loss.backward()
+        grads.append((float(loss.detach()), {n: p.grad.to_dense().clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}))
+    (loss, grad), (expect, expect_grad) = grads
+    assert loss == pytest.approx(expect, rel=1e-5)
+    assert grad.keys() == expect_grad.keys()
+    for name in grad:
+        assert torch.allclose(grad[name], expect_grad[name], atol=1e-5), name
+
+
+def test_feature_towers_run_once_per_step_for_both_views():
+    """feature_alone scores the pairs a second time from the towers alone: from the same tower outputs."""
+    from recsys_torch.tasks import RatingTask
+
+    model = build("hybrid_sum", feature_alone=0.5)
+    train = full_train()
+    model.prepare(train)
+    model.train()
+    calls = []
+    for tower in (model.user_tower, model.item_tower):
+        encode = tower.encode
+        tower.encode = lambda *a, _encode=encode: calls.append(1) or _encode(*a)
+    RatingTask().loss(model, train.users, train.items, train.ratings).backward()
+    assert len(calls) == 2
+
+
 def test_implicit_index_survives_a_state_dict_round_trip():
     model = build("hybrid_implicit_mlp").eval()
     model.prepare(full_train())

@@ -78,10 +78,13 @@ class FactorizationModel(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.score_with_penalty(users, items)[0]
 
-    def auxiliary_scores(self, users: torch.Tensor, items: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
-        """Other views of the same (user, item) pairs that training should also fit, with their weights
-        (the hybrid's feature towers alone); none here."""
-        return []
+    def training_scores(self, users: torch.Tensor, items: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, torch.Tensor]]]:
+        """What a rating loss fits: the pairs' scores, their per-example L2 penalty, and other views of
+        the same pairs that training should also fit, with their weights (the hybrid's feature towers
+        alone); here none."""
+        scores, penalty = self.score_with_penalty(users, items)
+        return scores, penalty, []
 
     def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of (user, item) pairs and the per-example L2 penalty of the rows they touch."""

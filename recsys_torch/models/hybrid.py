@@ -167,37 +167,72 @@ class HybridModel(FactorizationModel):
             k = k * (torch.rand(k.shape, device=k.device) >= p).to(k.dtype)
         return k
 
-    def _side(self, side: str, ids, k, factors, biases, tower, fusion) -> Side:
-        v = factors(ids)
-        b = biases(ids).squeeze(-1)
-        # only the id rows a prediction used are pulled towards zero
-        penalty = k * self._reg_scale(side, ids) * (self.reg * (v * v).sum(-1) + self.reg_bias * b * b)
-        if tower is None:
-            return Side(v * k.unsqueeze(-1), b * k, penalty)
-        f, fb, fp = tower(ids)
-        vector, bias = fusion(v, b, f, fb, k)
-        return Side(vector, bias, penalty + fp)
+    def _batch_side(self, side: str, ids: torch.Tensor, alone: bool = False) -> tuple[Side, Side | None]:
+        """One side of a batch, and (``alone``) that side from its features alone, as for a new entity.
 
-    def auxiliary_scores(self, users: torch.Tensor, items: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        Everything that belongs to an entity (id rows, tower output, SVD++ term, penalties) is computed
+        once per distinct entity of the batch and then gathered for its examples; the fusion is per
+        entity too unless id dropout draws a different id weight for each example.
+        """
+        if side == "user":
+            factors, biases, tower, fusion = self.user_factors, self.user_bias, self.user_tower, self.user_fusion
+            known, count, dropout = self.known_users, self.user_count, self.user_id_dropout
+        else:
+            factors, biases, tower, fusion = self.item_factors, self.item_bias, self.item_tower, self.item_fusion
+            known, count, dropout = self.known_items, self.item_count, self.item_id_dropout
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        per_example = self.training and dropout > 0  # then each example draws its own id weight
+        k = self._id_weight(known, count, ids if per_example else uniq, dropout)
+        v, b = factors(uniq), biases(uniq).squeeze(-1)
+        # only the id rows a prediction used are pulled towards zero
+        id_penalty = self._reg_scale(side, uniq) * (self.reg * (v * v).sum(-1) + self.reg_bias * b * b)
+        f = fb = fp = y = yp = None
+        if tower is not None:
+            f, fb, fp = tower.rows(uniq)
+        if side == "user" and self.implicit is not None:
+            y, yp = self.implicit.rows(uniq)
+
+        def gather(t):
+            return t if t is None or not per_example else t.index_select(0, inverse)
+
+        penalty = k * gather(id_penalty) + (0.0 if fp is None else gather(fp))
+        if y is not None:  # a dropped (or new) user also loses the term: no rating history either
+            penalty = penalty + gather(yp) * k
+        if fusion is None or fusion.kind == "sum":  # k * (id vector + SVD++ term) + feature vector
+            idv = v if y is None else v + y
+            vector, bias = gather(idv) * k.unsqueeze(-1), gather(b) * k
+            if f is not None:
+                vector, bias = vector + gather(f), bias + gather(fb)
+        else:
+            vector, bias = fusion(gather(v), gather(b), gather(f), gather(fb), k)
+            if y is not None:
+                vector = vector + gather(y) * k.unsqueeze(-1)
+        result = Side(vector, bias, penalty)
+        if not per_example:
+            result = Side(*(t.index_select(0, inverse) for t in result))
+        features = None
+        if alone:  # per distinct entity (no id part, so no id weight), then gathered
+            if fusion is None:
+                vector, bias = v.new_zeros(v.shape), b.new_zeros(b.shape)
+            else:
+                vector, bias = fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb))
+            features = Side(vector.index_select(0, inverse), bias.index_select(0, inverse), 0.0)
+        return result, features
+
+    def training_scores(self, users: torch.Tensor, items: torch.Tensor):
         """With ``feature_alone``: the pairs scored by the feature towers alone (as for a new user and a
-        new item), fitted too with that weight, so the towers learn to stand alone and not only the
-        residual the ids leave."""
-        if not (self.training and self.feature_alone > 0) or (self.user_tower is None and self.item_tower is None):
-            return []
-        zero_u, zero_i = users.new_zeros(users.shape, dtype=self.global_bias.dtype), items.new_zeros(
-            items.shape, dtype=self.global_bias.dtype)
-        u = self._side("user", users, zero_u, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
-        i = self._side("item", items, zero_i, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)
-        return [(self.feature_alone, self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1))]
+        new item) are fitted too with that weight, so the towers learn to stand alone and not only the
+        residual the ids leave. The towers run once for both views."""
+        alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
+        (u, fu), (i, fi) = self._batch_side("user", users, alone), self._batch_side("item", items, alone)
+        score = self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)
+        if not alone:
+            return score, u.penalty + i.penalty, []
+        other = self.global_bias + fu.bias + fi.bias + (fu.vector * fi.vector).sum(-1)
+        return score, u.penalty + i.penalty, [(self.feature_alone, other)]
 
     def user_side(self, users: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_users, self.user_count, users, self.user_id_dropout)
-        s = self._side("user", users, k, self.user_factors, self.user_bias, self.user_tower, self.user_fusion)
-        if self.implicit is None:
-            return s
-        y, yp = self.implicit(users)
-        return Side(s.vector + y * k.unsqueeze(-1), s.bias, s.penalty + yp * k)
+        return self._batch_side("user", users)[0]
 
     def item_side(self, items: torch.Tensor) -> Side:
-        k = self._id_weight(self.known_items, self.item_count, items, self.item_id_dropout)
-        return self._side("item", items, k, self.item_factors, self.item_bias, self.item_tower, self.item_fusion)
+        return self._batch_side("item", items)[0]

@@ -109,9 +109,13 @@ class FeatureTower(nn.Module):
         """The entities ``ids`` of the data the tower was built on, each distinct entity encoded once
         (a batch of ratings names the same item many times; the gradient of the copies adds up the same)."""
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        dense = self.dense.index_select(0, uniq) if self.numeric is not None else None
-        vector, bias, penalty = self.encode(self.index.index_select(0, uniq), self.weight.index_select(0, uniq), dense)
+        vector, bias, penalty = self.rows(uniq)
         return vector.index_select(0, inverse), bias.index_select(0, inverse), penalty.index_select(0, inverse)
+
+    def rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entities ``ids`` encoded as given (one row each; for distinct ids)."""
+        dense = self.dense.index_select(0, ids) if self.numeric is not None else None
+        return self.encode(self.index.index_select(0, ids), self.weight.index_select(0, ids), dense)
 
     def encode(self, index: torch.Tensor, weight: torch.Tensor, dense: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +188,11 @@ class ImplicitFeedback(nn.Module):
     norms. ``y`` is a dense table: a batch touches every item its users rated, which on rating data is
     far more rows than the catalog has, so a dense gradient is the smaller one. The CSR buffers are
     saved with the weights and resized on load.
+
+    A batch whose distinct users are more than an eighth of all users (most rating batches on catalogs
+    of MovieLens's size) computes the terms of all users as one sparse matrix product, ``N @ y`` with
+    ``N`` the normalized user x item matrix (and ``N^T @ grad`` backward), and keeps its users' rows;
+    the same sums as the bags', several times cheaper than a bag's sorting backward.
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int, reg: float = 0.0, init_std: float = 0.01) -> None:
@@ -203,24 +212,79 @@ class ImplicitFeedback(nn.Module):
         counts = torch.bincount(users, minlength=self.n_users)
         self.indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         self.indices = items[order]
+        self._matrices = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the CSR's length depends on the training data, not on the constructor's arguments
         key = prefix + "indices"
         if key in state_dict:
             self.indices = torch.empty_like(state_dict[key], device=self.indptr.device)
+        self._matrices = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _all_users(self) -> tuple[_SparseProduct, _SparseProduct]:
+        """``(N, M)``: the user x item matrices with weights ``|N(u)|^-1/2`` (the term) and ``|N(u)|^-1``
+        (the penalty's mean), built once per set of training items and device."""
+        key = (self.indptr.data_ptr(), self.indices.data_ptr(), self.indptr.device)
+        if getattr(self, "_matrices", None) is None or self._matrices[0] != key:
+            lengths = self.indptr[1:] - self.indptr[:-1]
+            per_row = torch.repeat_interleave(lengths.clamp(min=1).to(self.y.weight.dtype), lengths)
+            shape = (self.n_users, self.y.num_embeddings)
+            self._matrices = (key, _SparseProduct(self.indptr, self.indices, per_row.rsqrt(), shape),
+                              _SparseProduct(self.indptr, self.indices, per_row.reciprocal(), shape))
+        return self._matrices[1], self._matrices[2]
 
     def forward(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         uniq, inverse = torch.unique(users, return_inverse=True)
+        vector, penalty = self.rows(uniq)
+        return vector.index_select(0, inverse), penalty.index_select(0, inverse)
+
+    def rows(self, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(term [B, d], penalty [B])`` of the distinct users ``uniq``."""
+        if len(uniq) * 8 >= self.n_users and self.indices.numel():  # most users: every user's term at once
+            term, mean = self._all_users()
+            row_sq = self.y.weight.pow(2).sum(1, keepdim=True)
+            vector, penalty = term(self.y.weight), self.reg * mean(row_sq).squeeze(1)
+            return vector.index_select(0, uniq), penalty.index_select(0, uniq)
         starts = self.indptr.index_select(0, uniq)
         lengths = self.indptr.index_select(0, uniq + 1) - starts
-        owner = torch.repeat_interleave(torch.arange(len(uniq), device=users.device), lengths)
+        owner = torch.repeat_interleave(torch.arange(len(uniq), device=uniq.device), lengths)
         offsets = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(owner.numel(), device=users.device) - offsets.index_select(0, owner)
+        pos = torch.arange(owner.numel(), device=uniq.device) - offsets.index_select(0, owner)
         flat = self.indices.index_select(0, starts.index_select(0, owner) + pos)
         norm = lengths.clamp(min=1).to(self.y.weight.dtype).rsqrt()
         vector = self.y(flat, offsets, per_sample_weights=norm.index_select(0, owner))
         row_sq = self.y.weight.pow(2).sum(1, keepdim=True)
         penalty = self.reg * F.embedding_bag(flat, row_sq, offsets, mode="mean").squeeze(1)
-        return vector.index_select(0, inverse), penalty.index_select(0, inverse)
+        return vector, penalty
+
+
+class _SparseProduct:
+    """``A @ x`` for a fixed sparse ``A`` (CSR rows ``indptr``, columns ``indices``, ``values``) and a
+    dense ``x`` that needs a gradient: ``A^T @ grad`` backward, with ``A^T`` built once."""
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape) -> None:
+        import warnings
+
+        rows = torch.repeat_interleave(torch.arange(shape[0], device=indptr.device), indptr[1:] - indptr[:-1])
+        order = torch.argsort(indices * shape[0] + rows)
+        t_ptr = torch.cat([indptr.new_zeros(1), torch.cumsum(torch.bincount(indices, minlength=shape[1]), 0)])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            self.a = torch.sparse_csr_tensor(indptr, indices, values, shape, check_invariants=False)
+            self.a_t = torch.sparse_csr_tensor(t_ptr, rows[order], values[order], (shape[1], shape[0]),
+                                               check_invariants=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _Product.apply(x, self)
+
+
+class _Product(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, product):
+        ctx.product = product
+        return product.a @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.product.a_t @ grad.contiguous(), None
