@@ -243,7 +243,7 @@ def _reference_loss(model, users, items, ratings):
         scale = (model.user_reg_scale if name == "user" else model.item_reg_scale)[ids]
         penalty = k * scale * (model.reg * v.pow(2).sum(1) + model.reg_bias * b * b) + fp
         vector, bias = fusion(v, b, f, fb, k)
-        alone = fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb))
+        alone = fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb))  # a new entity
         if name == "user":
             term = model.implicit
             for row, u in enumerate(ids.tolist()):
@@ -254,20 +254,23 @@ def _reference_loss(model, users, items, ratings):
                         k[row] * y.sum(0) / math.sqrt(len(js)))
                     penalty = penalty + torch.nn.functional.one_hot(torch.tensor(row), len(ids)).float() * (
                         k[row] * term.reg * y.pow(2).sum(1).mean())
-        return vector, bias, penalty, alone
+        return (vector, bias), penalty, alone
 
-    uv, ub, up, ua = side("user", users, model.user_id_dropout)
-    iv, ib, ip, ia = side("item", items, model.item_id_dropout)
-    score = model.global_bias + ub + ib + (uv * iv).sum(1)
-    other = model.global_bias + ua[1] + ia[1] + (ua[0] * ia[0]).sum(1)
-    return ((score - ratings) ** 2).mean() + (up + ip).mean() + model.feature_alone * ((other - ratings) ** 2).mean()
+    def mse(u, i):
+        return ((model.global_bias + u[1] + i[1] + (u[0] * i[0]).sum(1) - ratings) ** 2).mean()
+
+    user, user_penalty, new_user = side("user", users, model.user_id_dropout)
+    item, item_penalty, new_item = side("item", items, model.item_id_dropout)
+    views = mse(user, new_item) + mse(new_user, item) + mse(new_user, new_item)  # new item, new user, both
+    return mse(user, item) + (user_penalty + item_penalty).mean() + model.feature_alone * views
 
 
 @pytest.mark.parametrize("fusion", ["sum", "gated", "concat"])
 @pytest.mark.parametrize("dropout", [{}, {"user_id_dropout": 0.5, "item_id_dropout": 0.3}])
 def test_batched_sides_equal_the_per_example_formula(fusion, dropout):
-    """The model computes each distinct entity once and gathers; the loss and every gradient equal
-    the per-example formula's."""
+    """The model computes each distinct entity once and gathers; the loss (with the views of a new
+    item, a new user and both, fitted with feature_alone) and every gradient equal the per-example
+    formula's."""
     from recsys_torch.tasks import RatingTask
 
     model = build("hybrid_sum", fusion=fusion, implicit=True, id_prior=2.0, feature_alone=0.4, reg=0.2,
@@ -292,6 +295,20 @@ def test_batched_sides_equal_the_per_example_formula(fusion, dropout):
     assert grad.keys() == expect_grad.keys()
     for name in grad:
         assert torch.allclose(grad[name], expect_grad[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("features,views", [({}, 3), ({"use_user_features": False}, 2),
+                                             ({"use_item_features": False}, 2),
+                                             ({"use_item_features": False, "use_user_features": False}, 0)])
+def test_feature_alone_fits_a_view_per_kind_of_new_entity_that_has_features(features, views):
+    model = build("hybrid_sum", feature_alone=0.5, **features)
+    train = full_train()
+    model.prepare(train)
+    model.train()
+    _, _, others = model.training_scores(train.users, train.items)
+    assert len(others) == views and all(w == 0.5 for w, _ in others)
+    model.eval()
+    assert model.training_scores(train.users, train.items)[2] == []
 
 
 def test_feature_towers_run_once_per_step_for_both_views():

@@ -220,16 +220,25 @@ class HybridModel(FactorizationModel):
         return result, features
 
     def training_scores(self, users: torch.Tensor, items: torch.Tensor):
-        """With ``feature_alone``: the pairs scored by the feature towers alone (as for a new user and a
-        new item) are fitted too with that weight, so the towers learn to stand alone and not only the
-        residual the ids leave. The towers run once for both views."""
+        """With ``feature_alone``: the same pairs are also fitted, each view with that weight, as serving
+        scores them when the item is new (the user's whole vector against the item's feature part), when
+        the user is new, and when both are. So the towers learn to stand alone where they must, and not
+        only the residual the ids leave. A side without a tower has no new-entity view. The towers run
+        once for every view."""
         alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
         (u, fu), (i, fi) = self._batch_side("user", users, alone), self._batch_side("item", items, alone)
-        score = self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)
+        penalty = u.penalty + i.penalty
         if not alone:
-            return score, u.penalty + i.penalty, []
-        other = self.global_bias + fu.bias + fi.bias + (fu.vector * fi.vector).sum(-1)
-        return score, u.penalty + i.penalty, [(self.feature_alone, other)]
+            return self._pair(u, i), penalty, []
+        views = [(fu, fi)]
+        if self.item_tower is not None:
+            views.append((u, fi))
+        if self.user_tower is not None:
+            views.append((fu, i))
+        return self._pair(u, i), penalty, [(self.feature_alone, self._pair(a, b)) for a, b in views]
+
+    def _pair(self, u: Side, i: Side) -> torch.Tensor:
+        return self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)
 
     def user_side(self, users: torch.Tensor) -> Side:
         return self._batch_side("user", users)[0]
