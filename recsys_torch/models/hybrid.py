@@ -13,7 +13,8 @@ from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
 from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
-from recsys_torch.models.layers import FUSIONS, FeatureTower, Fusion, ImplicitFeedback, as_features, damped_biases
+from recsys_torch.models.layers import (FUSIONS, FeatureTower, Fusion, ImplicitFeedback, PairPattern, as_features,
+                                       damped_biases)
 
 
 def _probability(name: str, value) -> float:
@@ -167,13 +168,12 @@ class HybridModel(FactorizationModel):
             k = k * (torch.rand(k.shape, device=k.device) >= p).to(k.dtype)
         return k
 
-    def _batch_side(self, side: str, ids: torch.Tensor, alone: bool = False) -> tuple[Side, Side | None]:
-        """One side of a batch, and (``alone``) that side from its features alone, as for a new entity.
-
-        Everything that belongs to an entity (id rows, tower output, SVD++ term, penalties) is computed
-        once per distinct entity of the batch and then gathered for its examples; the fusion is per
-        entity too unless id dropout draws a different id weight for each example.
-        """
+    def _rows(self, side: str, ids: torch.Tensor, alone: bool = False):
+        """One side of a batch computed once per distinct entity: ``(side, features, inverse,
+        per_example)``. Everything that belongs to an entity (id rows, tower output, SVD++ term,
+        penalties, the fusion) is a row per distinct entity, ``inverse`` mapping each example to its row;
+        but ``side`` is per example when id dropout draws a different id weight for each (``per_example``).
+        ``features`` (with ``alone``): the side from its features alone, as for a new entity, per row."""
         if side == "user":
             factors, biases, tower, fusion = self.user_factors, self.user_bias, self.user_tower, self.user_fusion
             known, count, dropout = self.known_users, self.user_count, self.user_id_dropout
@@ -207,16 +207,21 @@ class HybridModel(FactorizationModel):
             vector, bias = fusion(gather(v), gather(b), gather(f), gather(fb), k)
             if y is not None:
                 vector = vector + gather(y) * k.unsqueeze(-1)
-        result = Side(vector, bias, penalty)
+        features = None
+        if alone:  # no id part, so no id weight
+            if fusion is None:
+                features = Side(v.new_zeros(v.shape), b.new_zeros(b.shape), 0.0)
+            else:
+                features = Side(*fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb)), 0.0)
+        return Side(vector, bias, penalty), features, inverse, per_example
+
+    def _batch_side(self, side: str, ids: torch.Tensor, alone: bool = False) -> tuple[Side, Side | None]:
+        """One side of a batch per example, and (``alone``) that side from its features alone."""
+        result, features, inverse, per_example = self._rows(side, ids, alone)
         if not per_example:
             result = Side(*(t.index_select(0, inverse) for t in result))
-        features = None
-        if alone:  # per distinct entity (no id part, so no id weight), then gathered
-            if fusion is None:
-                vector, bias = v.new_zeros(v.shape), b.new_zeros(b.shape)
-            else:
-                vector, bias = fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb))
-            features = Side(vector.index_select(0, inverse), bias.index_select(0, inverse), 0.0)
+        if features is not None:
+            features = Side(features.vector.index_select(0, inverse), features.bias.index_select(0, inverse), 0.0)
         return result, features
 
     def training_scores(self, users: torch.Tensor, items: torch.Tensor):
@@ -226,16 +231,30 @@ class HybridModel(FactorizationModel):
         only the residual the ids leave. A side without a tower has no new-entity view. The towers run
         once for every view."""
         alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
-        (u, fu), (i, fi) = self._batch_side("user", users, alone), self._batch_side("item", items, alone)
-        penalty = u.penalty + i.penalty
+        u, fu, inv_u, drawn_u = self._rows("user", users, alone)
+        i, fi, inv_i, drawn_i = self._rows("item", items, alone)
+        if drawn_u or drawn_i:  # an id weight per example: the pairs' vectors are built per example
+            u, i = (Side(*(t.index_select(0, inv) for t in side)) if not drawn else side
+                    for side, inv, drawn in ((u, inv_u, drawn_u), (i, inv_i, drawn_i)))
+            if alone:
+                fu, fi = (Side(f.vector.index_select(0, inv), f.bias.index_select(0, inv), 0.0)
+                          for f, inv in ((fu, inv_u), (fi, inv_i)))
+            penalty, pair = u.penalty + i.penalty, self._pair
+        else:  # row tables: each dot product over the pairs is one sampled sparse product
+            penalty = u.penalty.index_select(0, inv_u) + i.penalty.index_select(0, inv_i)
+            pairs = PairPattern(inv_u, inv_i, len(u.bias), len(i.bias))
+
+            def pair(a: Side, b: Side) -> torch.Tensor:
+                return (self.global_bias + a.bias.index_select(0, inv_u) + b.bias.index_select(0, inv_i)
+                        + pairs.dots(a.vector, b.vector))
         if not alone:
-            return self._pair(u, i), penalty, []
+            return pair(u, i), penalty, []
         views = [(fu, fi)]
         if self.item_tower is not None:
             views.append((u, fi))
         if self.user_tower is not None:
             views.append((fu, i))
-        return self._pair(u, i), penalty, [(self.feature_alone, self._pair(a, b)) for a, b in views]
+        return pair(u, i), penalty, [(self.feature_alone, pair(a, b)) for a, b in views]
 
     def _pair(self, u: Side, i: Side) -> torch.Tensor:
         return self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)

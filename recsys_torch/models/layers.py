@@ -264,16 +264,11 @@ class _SparseProduct:
     dense ``x`` that needs a gradient: ``A^T @ grad`` backward, with ``A^T`` built once."""
 
     def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape) -> None:
-        import warnings
-
         rows = torch.repeat_interleave(torch.arange(shape[0], device=indptr.device), indptr[1:] - indptr[:-1])
         order = torch.argsort(indices * shape[0] + rows)
         t_ptr = torch.cat([indptr.new_zeros(1), torch.cumsum(torch.bincount(indices, minlength=shape[1]), 0)])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            self.a = torch.sparse_csr_tensor(indptr, indices, values, shape, check_invariants=False)
-            self.a_t = torch.sparse_csr_tensor(t_ptr, rows[order], values[order], (shape[1], shape[0]),
-                                               check_invariants=False)
+        self.a = _csr(indptr, indices, values, shape)
+        self.a_t = _csr(t_ptr, rows[order], values[order], (shape[1], shape[0]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _Product.apply(x, self)
@@ -288,3 +283,50 @@ class _Product(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.product.a_t @ grad.contiguous(), None
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class PairPattern:
+    """The (row, column) pairs of a batch (``rows[b]`` into a left table, ``cols[b]`` into a right one)
+    as CSR both ways, so that the dot products ``left[rows[b]] . right[cols[b]]`` are one sampled
+    product (SDDMM) forward and two sparse products backward, with no ``[batch, d]`` tensor gathered."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
+        self.shape = (n_rows, n_cols)
+        self.order = torch.argsort(rows * n_cols + cols)  # the examples in row-major order
+        self.order_t = torch.argsort(cols * n_rows + rows)  # and in column-major order
+        self.crow = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)])
+        self.crow_t = torch.cat([cols.new_zeros(1), torch.cumsum(torch.bincount(cols, minlength=n_cols), 0)])
+        self.col, self.col_t = cols.index_select(0, self.order), rows.index_select(0, self.order_t)
+
+    def dots(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return _PairDots.apply(left, right, self)
+
+
+class _PairDots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, left, right, pairs):
+        import warnings
+
+        ctx.save_for_backward(left, right)
+        ctx.pairs = pairs
+        pattern = _csr(pairs.crow, pairs.col, left.new_ones(len(pairs.col)), pairs.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = torch.sparse.sampled_addmm(pattern, left.contiguous(), right.T, beta=0.0).values()
+        return torch.empty_like(values).index_copy_(0, pairs.order, values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        left, right = ctx.saved_tensors
+        pairs = ctx.pairs
+        grad_left = _csr(pairs.crow, pairs.col, grad.index_select(0, pairs.order), pairs.shape) @ right
+        grad_right = _csr(pairs.crow_t, pairs.col_t, grad.index_select(0, pairs.order_t), pairs.shape[::-1]) @ left
+        return grad_left, grad_right, None
