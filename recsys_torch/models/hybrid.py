@@ -233,7 +233,9 @@ class HybridModel(FactorizationModel):
         alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
         u, fu, inv_u, drawn_u = self._rows("user", users, alone)
         i, fi, inv_i, drawn_i = self._rows("item", items, alone)
-        if drawn_u or drawn_i:  # an id weight per example: the pairs' vectors are built per example
+        # an id weight per example, or a GPU (where the sparse path is untested and elementwise products
+        # are cheap): the pairs' vectors are built per example
+        if drawn_u or drawn_i or users.device.type != "cpu":
             u, i = (Side(*(t.index_select(0, inv) for t in side)) if not drawn else side
                     for side, inv, drawn in ((u, inv_u, drawn_u), (i, inv_i, drawn_i)))
             if alone:
