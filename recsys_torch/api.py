@@ -108,6 +108,19 @@ class Run:
         return self.recommender.similar_items(item, k)
 
 
+def _check_names(what: str, given: dict, cls, internal=()) -> None:
+    """Refuse keywords that ``cls`` does not take (before any data is read), naming the close ones."""
+    import inspect
+
+    from recsys_torch.cli import _did_you_mean
+
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *internal)]
+    for name in given:
+        if name not in known:
+            raise ConfigError(f"unknown {what} {name!r}{_did_you_mean(name, known)}; "
+                              f"the settings are: {', '.join(known)}")
+
+
 def fit(data, model: str = "mf", split: str = "random", task: str = "rating", out: str | None = None, *,
         seed: int = 42, model_args: dict | None = None, split_args: dict | None = None,
         task_args: dict | None = None, tensorboard: bool = True, **trainer_args) -> Run:
@@ -118,8 +131,12 @@ def fit(data, model: str = "mf", split: str = "random", task: str = "rating", ou
     from recsys_torch.loggers import NullLogger, TensorBoardLogger
     from recsys_torch.trainer import Trainer
 
-    dataset = load(data)
+    _check_names("trainer setting", trainer_args, Trainer, ("logger", "callbacks", "checkpoint_path", "checkpoint_meta",
+                                                             "seed"))
     model_target, model_settings, model_trainer = _config("model", model)
+    _check_names(f"model_args key of {model}", model_args or {}, _target(model_target),
+                 ("n_users", "n_items", "item_features", "user_features"))
+    dataset = load(data)
     split_target, split_settings, _ = _config("split", split)
     task_target, task_settings, _ = _config("task", task)
     _, trainer_settings, _ = _config("trainer", "default")

@@ -52,5 +52,10 @@ def test_fit_takes_the_command_lines_defaults_and_refuses_unknown_names(tmp_path
     assert saved["config"]["trainer"]["lr"] == 0.005 and run.metrics["n_train"] > 0
     with pytest.raises(ConfigError, match=r"unknown model 'nope' \(choose one of baseline, content, hybrid, mf"):
         rt.fit(data, model="nope", out=str(tmp_path / "x"))
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match=r"unknown model_args key of mf 'embeding_dim' \(did you mean embedding_dim\?\)"):
         rt.fit(data, model="mf", out=str(tmp_path / "y"), model_args={"embeding_dim": 8}, epochs=1)
+    with pytest.raises(ConfigError, match=r"unknown trainer setting 'epoch' \(did you mean epochs\?\)"):
+        rt.fit(data, model="mf", out=str(tmp_path / "z"), epoch=1)
+    with pytest.raises(ConfigError, match=r"unknown trainer setting 'overwrite'; the settings are: epochs, "):
+        rt.fit(data, model="mf", out=str(tmp_path / "z"), overwrite=True)
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before any run folder
