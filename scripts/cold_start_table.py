@@ -90,6 +90,22 @@ def markdown(results: dict[tuple[str, str], list[float]], seeds: list[int], over
     return "\n".join(lines) + "\n"
 
 
+class _Once(logging.Filter):
+    """Each distinct message once: the table runs every model on every split for every seed, and the
+    same warning (a model that cannot score new items, say) would repeat for each run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -104,8 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data=synthetic")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    logging.getLogger("recsys_torch").setLevel(logging.WARNING)
-    text = markdown(collect(args.seeds, args.overrides), args.seeds, args.overrides)
+    logger = logging.getLogger("recsys_torch")
+    logger.setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Once())
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        text = markdown(collect(args.seeds, args.overrides), args.seeds, args.overrides)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
     if args.out:
         args.out.write_text(text)
     print(text, end="")

@@ -473,7 +473,7 @@ def test_cold_splits_end_to_end(compose, tmp_path, overrides):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
-def test_cold_start_table_script_writes_a_markdown_table(tmp_path):
+def test_cold_start_table_script_writes_a_markdown_table(tmp_path, capsys):
     import importlib.util
 
     repo = Path(__file__).resolve().parents[1]
@@ -482,15 +482,18 @@ def test_cold_start_table_script_writes_a_markdown_table(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "table.md"
     tiny = ["data=synthetic", "data.n_users=60", "data.n_items=40", "data.n_ratings=1200", "trainer.epochs=1"]
-    assert script.main(["--seeds", "1", "--out", str(out), *tiny]) == 0
+    assert script.main(["--seeds", "1,2", "--out", str(out), *tiny]) == 0
     text = out.read_text()
     rmse_table, wins_table = text.split("\n\n")[:2]
     rows = [line for line in rmse_table.splitlines() if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == list(script.MODELS)
     for row in rows:
         cells = [c.strip(" *") for c in row.split("|")[2:-1]]
-        assert len(cells) == 3 and all(math.isfinite(float(c)) for c in cells)
+        assert len(cells) == 3 and all(math.isfinite(float(c.split(" ± ")[0])) for c in cells)
     assert "| `hybrid` against | `popularity` " in wins_table
+    # the warning that mf cannot score new items is said once, not once per run
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "no item features to score them" in line]
+    assert len(warnings) == len(set(warnings)) == 3  # popularity, baseline, mf
 
 
 @pytest.mark.parametrize("cls,kwargs", [
