@@ -15,11 +15,10 @@ with ``G = Q^T Q``; the sum over the user's positives is applied through
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from recsys_torch.errors import ConfigError
+from recsys_torch.sparse import csr, csr_dots, transposed
 
 CG_STEPS = 3
 
@@ -35,12 +34,6 @@ class _NoOptimizer:
 
     def load_state_dict(self, states) -> None:
         pass
-
-
-def _csr(crow, col, values, shape):
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) -> torch.Tensor:
@@ -66,13 +59,11 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
     masked = other if known is None else other * known[:, None]
     gram = masked.T @ masked
     rhs = confidence * (pattern @ other)
+    crow, col = pattern.crow_indices(), pattern.col_indices()
     weighted = pattern.values() * confidence
 
     def apply(v):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scores = torch.sparse.sampled_addmm(pattern, v, other.T, beta=0.0)
-            scores = _csr(pattern.crow_indices(), pattern.col_indices(), scores.values() * weighted, pattern.shape)
+        scores = csr(crow, col, csr_dots(v, other, crow, col) * weighted, pattern.shape)
         return gramian_weight * (v @ gram) + reg[:, None] * v + scores @ other
 
     return conjugate_gradient(x, rhs, apply, steps)
@@ -95,19 +86,15 @@ class ALSStep:
         self.user_reg = (task.reg * task.user_reg_weight).float()
         self.item_reg = (task.reg * task.item_reg_weight).float()
         # every positive, item-major, for the item solve
-        users = torch.repeat_interleave(torch.arange(n_users, device=task.pos_items.device),
-                                        task.pos_indptr[1:] - task.pos_indptr[:-1])
-        order = torch.argsort(task.pos_items * n_users + users)
-        counts = torch.bincount(task.pos_items, minlength=n_items)
-        crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        self.by_item = _csr(crow, users[order], task.pos_weight[order], (n_items, n_users))
+        crow, users, order = transposed(task.pos_indptr, task.pos_items, n_items)
+        self.by_item = csr(crow, users, task.pos_weight[order], (n_items, n_users))
 
     @torch.no_grad()
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
         """Solve these users against the current items; their loss afterwards."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
         _, items, weight, crow = task._positives_of(users)
-        batch = _csr(crow, items, weight, (len(users), self.model.n_items))
+        batch = csr(crow, items, weight, (len(users), self.model.n_items))
         p_table[users] = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
                                     self.user_reg.index_select(0, users), self.model.known_items.float())
         return task.loss(self.model, users).detach().float()

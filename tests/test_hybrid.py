@@ -231,14 +231,14 @@ def test_implicit_term_of_most_users_is_one_sparse_product_equal_to_the_bags():
 def test_pair_dots_are_the_gathered_dot_products_and_their_gradients():
     """The sparse path of the training scores: one SDDMM forward, two sparse products backward, with
     repeated pairs and rows that no pair uses."""
-    from recsys_torch.models.layers import PairPattern
+    from recsys_torch.sparse import Pairs
 
     rows, cols = torch.tensor([2, 0, 2, 5, 0, 2, 3]), torch.tensor([1, 1, 1, 0, 3, 2, 3])  # (2, 1) twice
     grads = []
     for sparse in (True, False):
         left = torch.randn(7, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
         right = torch.randn(4, 3, generator=torch.Generator().manual_seed(2)).requires_grad_()
-        out = (PairPattern(rows, cols, 7, 4).dots(left, right) if sparse
+        out = (Pairs(rows, cols, 7, 4).dots(left, right) if sparse
                else (left[rows] * right[cols]).sum(1))
         (out * torch.arange(1.0, 8.0)).sum().backward()
         grads.append((out.detach(), left.grad, right.grad))

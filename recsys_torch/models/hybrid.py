@@ -13,8 +13,8 @@ from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
 from recsys_torch.checks import number
 from recsys_torch.models.base import FactorizationModel, Side, bias_embedding, id_embedding
-from recsys_torch.models.layers import (FUSIONS, FeatureTower, Fusion, ImplicitFeedback, PairPattern, as_features,
-                                       damped_biases)
+from recsys_torch.models.layers import FUSIONS, FeatureTower, Fusion, ImplicitFeedback, as_features, damped_biases
+from recsys_torch.sparse import Pairs
 
 
 def _probability(name: str, value) -> float:
@@ -244,7 +244,7 @@ class HybridModel(FactorizationModel):
             penalty, pair = u.penalty + i.penalty, self._pair
         else:  # row tables: each dot product over the pairs is one sampled sparse product
             penalty = u.penalty.index_select(0, inv_u) + i.penalty.index_select(0, inv_i)
-            pairs = PairPattern(inv_u, inv_i, len(u.bias), len(i.bias))
+            pairs = Pairs(inv_u, inv_i, len(u.bias), len(i.bias))
 
             def pair(a: Side, b: Side) -> torch.Tensor:
                 return (self.global_bias + a.bias.index_select(0, inv_u) + b.bias.index_select(0, inv_i)

@@ -16,6 +16,7 @@ from torch import nn
 from recsys_torch.data.features import Features
 from recsys_torch.data.interactions import Interactions
 from recsys_torch.errors import ConfigError
+from recsys_torch.sparse import SparseMatrix
 
 FUSIONS = ("sum", "gated", "concat")
 
@@ -222,7 +223,7 @@ class ImplicitFeedback(nn.Module):
         self._matrices = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _all_users(self) -> tuple[_SparseProduct, _SparseProduct]:
+    def _all_users(self) -> tuple[SparseMatrix, SparseMatrix]:
         """``(N, M)``: the user x item matrices with weights ``|N(u)|^-1/2`` (the term) and ``|N(u)|^-1``
         (the penalty's mean), built once per set of training items and device."""
         key = (self.indptr.data_ptr(), self.indices.data_ptr(), self.indptr.device)
@@ -230,8 +231,8 @@ class ImplicitFeedback(nn.Module):
             lengths = self.indptr[1:] - self.indptr[:-1]
             per_row = torch.repeat_interleave(lengths.clamp(min=1).to(self.y.weight.dtype), lengths)
             shape = (self.n_users, self.y.num_embeddings)
-            self._matrices = (key, _SparseProduct(self.indptr, self.indices, per_row.rsqrt(), shape),
-                              _SparseProduct(self.indptr, self.indices, per_row.reciprocal(), shape))
+            self._matrices = (key, SparseMatrix(self.indptr, self.indices, per_row.rsqrt(), shape),
+                              SparseMatrix(self.indptr, self.indices, per_row.reciprocal(), shape))
         return self._matrices[1], self._matrices[2]
 
     def forward(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,75 +259,3 @@ class ImplicitFeedback(nn.Module):
         penalty = self.reg * F.embedding_bag(flat, row_sq, offsets, mode="mean").squeeze(1)
         return vector, penalty
 
-
-class _SparseProduct:
-    """``A @ x`` for a fixed sparse ``A`` (CSR rows ``indptr``, columns ``indices``, ``values``) and a
-    dense ``x`` that needs a gradient: ``A^T @ grad`` backward, with ``A^T`` built once."""
-
-    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape) -> None:
-        rows = torch.repeat_interleave(torch.arange(shape[0], device=indptr.device), indptr[1:] - indptr[:-1])
-        order = torch.argsort(indices * shape[0] + rows)
-        t_ptr = torch.cat([indptr.new_zeros(1), torch.cumsum(torch.bincount(indices, minlength=shape[1]), 0)])
-        self.a = _csr(indptr, indices, values, shape)
-        self.a_t = _csr(t_ptr, rows[order], values[order], (shape[1], shape[0]))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _Product.apply(x, self)
-
-
-class _Product(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, product):
-        ctx.product = product
-        return product.a @ x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.product.a_t @ grad.contiguous(), None
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-class PairPattern:
-    """The (row, column) pairs of a batch (``rows[b]`` into a left table, ``cols[b]`` into a right one)
-    as CSR both ways, so that the dot products ``left[rows[b]] . right[cols[b]]`` are one sampled
-    product (SDDMM) forward and two sparse products backward, with no ``[batch, d]`` tensor gathered."""
-
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
-        self.shape = (n_rows, n_cols)
-        self.order = torch.argsort(rows * n_cols + cols)  # the examples in row-major order
-        self.order_t = torch.argsort(cols * n_rows + rows)  # and in column-major order
-        self.crow = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)])
-        self.crow_t = torch.cat([cols.new_zeros(1), torch.cumsum(torch.bincount(cols, minlength=n_cols), 0)])
-        self.col, self.col_t = cols.index_select(0, self.order), rows.index_select(0, self.order_t)
-
-    def dots(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        return _PairDots.apply(left, right, self)
-
-
-class _PairDots(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, left, right, pairs):
-        import warnings
-
-        ctx.save_for_backward(left, right)
-        ctx.pairs = pairs
-        pattern = _csr(pairs.crow, pairs.col, left.new_ones(len(pairs.col)), pairs.shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = torch.sparse.sampled_addmm(pattern, left.contiguous(), right.T, beta=0.0).values()
-        return torch.empty_like(values).index_copy_(0, pairs.order, values)
-
-    @staticmethod
-    def backward(ctx, grad):
-        left, right = ctx.saved_tensors
-        pairs = ctx.pairs
-        grad_left = _csr(pairs.crow, pairs.col, grad.index_select(0, pairs.order), pairs.shape) @ right
-        grad_right = _csr(pairs.crow_t, pairs.col_t, grad.index_select(0, pairs.order_t), pairs.shape[::-1]) @ left
-        return grad_left, grad_right, None
