@@ -23,14 +23,18 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(model: FactorizationModel, users: torch.Tensor, items: torch.Tensor,
-            rating_scale: tuple[float, float] | None = None, batch_size: int = 65536) -> torch.Tensor:
-    """Predicted ratings for (user, item) pairs, clipped to ``rating_scale``; returned on the CPU."""
+            rating_scale: tuple[float, float] | None = None, batch_size: int = 65536,
+            times: torch.Tensor | None = None) -> torch.Tensor:
+    """Predicted ratings for (user, item) pairs, clipped to ``rating_scale``; returned on the CPU.
+    ``times``: the pairs' timestamps, for a model that :attr:`~.FactorizationModel.uses_time`."""
     was_training = model.training
     model.eval()
     device = _device(model)
     out = []
-    for u, i in zip(users.split(batch_size), items.split(batch_size)):
-        out.append(model(u.to(device), i.to(device)).float().cpu())
+    times = times if times is not None and model.uses_time else None
+    for n, (u, i) in enumerate(zip(users.split(batch_size), items.split(batch_size))):
+        t = None if times is None else times[n * batch_size:(n + 1) * batch_size].to(device)
+        out.append(model(u.to(device), i.to(device), t).float().cpu())
     model.train(was_training)
     pred = torch.cat(out) if out else torch.zeros(0)
     if rating_scale is not None:
@@ -66,7 +70,7 @@ def rating_metrics(model: FactorizationModel, data: Interactions, train: Interac
                    batch_size: int = 65536) -> dict[str, float]:
     """RMSE and MAE; with ``train`` given, also ``cold/...`` (rows whose user or item training never
     saw) and ``warm/...`` (the rest) when there are cold rows."""
-    pred = predict(model, data.users, data.items, data.rating_scale, batch_size)
+    pred = predict(model, data.users, data.items, data.rating_scale, batch_size, data.timestamps)
     target = data.ratings.cpu()
     out = {"rmse": rmse(pred, target), "mae": mae(pred, target)}
     if train is not None:

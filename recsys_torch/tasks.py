@@ -61,10 +61,14 @@ class Task:
     def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
         self.weighted = train.weights is not None
 
-    def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
+    def training_rows(self, data: Interactions, times: bool = False) -> tuple[torch.Tensor, ...]:
         """The tensors an epoch shuffles and slices into batches for :meth:`loss` (the first holds
-        the user of each row; weighted data adds each row's weight)."""
+        the user of each row; weighted data adds each row's weight). ``times`` (a model that
+        :attr:`~.FactorizationModel.uses_time`): each row's weight (1 for unweighted data) and then its
+        timestamp, where the data has them."""
         rows = (data.users, data.items, data.ratings)
+        if times and data.timestamps is not None:
+            return rows + (data.row_weights(), data.timestamps)
         return rows + (data.weights,) if data.weights is not None else rows
 
     def metric_names(self) -> list[str]:
@@ -94,9 +98,9 @@ class RatingTask(Task):
     def metric_names(self) -> list[str]:
         return ["rmse", "mae"]
 
-    def loss(self, model: FactorizationModel, users, items, ratings, weights=None) -> torch.Tensor:
+    def loss(self, model: FactorizationModel, users, items, ratings, weights=None, times=None) -> torch.Tensor:
         """MSE plus the L2 penalty of the rows used, both per example and weighted by ``weights``."""
-        scores, penalty, others = model.training_scores(users, items)
+        scores, penalty, others = model.training_scores(users, items, times)
         loss = losses.mse(scores, ratings, weights) + losses.weighted_mean(_rows(penalty, len(users), scores.device),
                                                                            weights)
         for weight, other in others:
@@ -163,9 +167,11 @@ class RankingTask(Task):
     def wide_steps(self) -> bool:
         return self.loss_name in (*self.USER_BATCHED, "full_softmax")
 
-    def training_rows(self, data: Interactions) -> tuple[torch.Tensor, ...]:
+    def training_rows(self, data: Interactions, times: bool = False) -> tuple[torch.Tensor, ...]:
         """Positives, one per row; for the user-batched losses the users that have positives, so that
-        a batch is a set of users whose logits (or Gramian terms) are computed once each."""
+        a batch is a set of users whose logits (or Gramian terms) are computed once each. No
+        timestamps: a score's part that depends on the time alone (a user's bias that day) cannot
+        change a ranking."""
         if self.loss_name in self.USER_BATCHED:
             return (torch.nonzero(self.pos_indptr[1:] > self.pos_indptr[:-1]).squeeze(1),)
         return super().training_rows(data)

@@ -435,14 +435,15 @@ def _fit_predict(cls, dataset, **kwargs) -> torch.Tensor:
     model = cls(dataset.n_users, dataset.n_items, dataset.item_features, dataset.user_features, **kwargs)
     inter = dataset.interactions
     Trainer(epochs=2, batch_size=128, lr=0.01, progress=False, seed=0).fit(model, inter)
-    return model.eval()(inter.users, inter.items).detach()
+    return model.eval()(inter.users, inter.items, inter.timestamps).detach()
 
 
 HYBRID_CHANGES = [{"embedding_dim": 8}, {"fusion": "gated"}, {"fusion": "concat"}, {"hidden": [8]},
                   {"implicit": True}, {"use_item_features": False}, {"use_user_features": False},
                   {"id_dropout": 0.5}, {"user_id_dropout": 0.5}, {"item_id_dropout": 0.5}, {"reg": 0.5},
                   {"reg_bias": 0.5}, {"reg_features": 0.5}, {"reg_exponent": 1.0}, {"init_std": 0.3},
-                  {"bias_init_damping": 5.0}, {"implicit": True, "reg_implicit": 5.0}]
+                  {"bias_init_damping": 5.0}, {"implicit": True, "reg_implicit": 5.0}, {"day_bias": True},
+                  {"day_bias": True, "reg_day_bias": 5.0}]
 CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, {"user_tower": "features"},
                    {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5},
                    {"reg_exponent": 1.0}, {"init_std": 0.3}, {"bias_init_damping": 5.0}]
@@ -452,7 +453,8 @@ CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, 
 def test_every_hyperparameter_changes_the_model(tiny_raw, cls, changes):
     dataset = encode(tiny_raw)
     for change in changes:
-        base = {"embedding_dim": 4, **({"implicit": True} if "reg_implicit" in change else {})}
+        base = {"embedding_dim": 4, **({"implicit": True} if "reg_implicit" in change else {}),
+                **({"day_bias": True} if "reg_day_bias" in change else {})}
         reference = _fit_predict(cls, dataset, **base)
         changed = _fit_predict(cls, dataset, **{**base, **change})
         assert not torch.allclose(reference, changed, atol=1e-5), change
@@ -498,6 +500,7 @@ def test_cold_start_table_script_writes_a_markdown_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("cls,kwargs", [
     (HybridModel, {"fusion": "gated", "implicit": True, "hidden": [8]}),
+    (HybridModel, {"day_bias": True}),
     (ContentModel, {"user_tower": "both", "hidden": [8]}),
 ])
 def test_checkpoint_round_trip(tiny_raw, tmp_path, cls, kwargs):
@@ -512,4 +515,99 @@ def test_checkpoint_round_trip(tiny_raw, tmp_path, cls, kwargs):
     save_checkpoint(str(tmp_path / "checkpoint.pt"), model, cfg, dataset, split.train)
     loaded = model_from_checkpoint(load_checkpoint(str(tmp_path / "checkpoint.pt")))
     test = split.test
-    assert torch.equal(loaded(test.users, test.items), model.eval()(test.users, test.items))
+    assert torch.equal(loaded(test.users, test.items, test.timestamps),
+                       model.eval()(test.users, test.items, test.timestamps))
+
+
+# ---- the day-specific user bias (timeSVD++) ---------------------------------------------------------
+DAY = 86400
+
+
+def timed_train() -> Interactions:
+    """:func:`full_train` with times: each user rates its even items on one day, its odd ones the next."""
+    inter = full_train()
+    times = (inter.users * 3 + inter.items % 2) * DAY + 100
+    return make_inter(inter.users, inter.items, inter.ratings, times, n_users=N_USERS, n_items=N_ITEMS)
+
+
+def _sessions(inter: Interactions) -> torch.Tensor:
+    """Each row's (user, day) as its rank among the distinct pairs of the data."""
+    keys = inter.users * 1000 + torch.div(inter.timestamps, DAY, rounding_mode="floor")
+    return torch.unique(keys, return_inverse=True)[1]
+
+
+def test_day_bias_adds_a_bias_per_user_day_seen_in_training_and_nothing_elsewhere():
+    train = timed_train()
+    model = build("hybrid_gated", day_bias=True, implicit=True)
+    model.prepare(train)
+    sessions = _sessions(train)
+    assert model.uses_time and len(model.day_keys) == int(sessions.max()) + 1
+    with torch.no_grad():
+        model.user_day_bias.weight.copy_(torch.arange(1.0, len(model.day_keys) + 1).unsqueeze(1))
+    model.eval()
+    u, i, t = train.users, train.items, train.timestamps
+    static = model(u, i)
+    assert torch.allclose(model(u, i, t) - static, sessions.float() + 1)
+    assert torch.equal(model(u, i, t + 3600), model(u, i, t))  # the same day, an hour later
+    assert torch.equal(model(u, i, t + 50 * DAY), static)  # a day training never saw
+    new_user = torch.full_like(u, N_USERS - 1)  # never in training
+    assert torch.equal(model(new_user, i, t), model(new_user, i))
+
+
+def test_day_bias_is_in_the_views_that_keep_the_user_and_leaves_with_a_dropped_user():
+    train = timed_train()
+    model = build("hybrid_sum", day_bias=True, feature_alone=0.5, reg_day_bias=0.25)
+    model.prepare(train)
+    with torch.no_grad():
+        model.user_day_bias.weight.fill_(1.0)
+    model.train()
+    u, i, t = train.users, train.items, train.timestamps
+    s0, p0, v0 = model.training_scores(u, i)
+    s1, p1, v1 = model.training_scores(u, i, t)
+    assert torch.allclose(s1 - s0, torch.ones(len(u))) and torch.allclose(p1 - p0, torch.full((len(u),), 0.25))
+    # views: both new, item new (the user's whole vector), user new
+    assert [bool(torch.allclose(b - a, torch.ones(len(u)))) for (_, a), (_, b) in zip(v0, v1)] == [False, True, False]
+    assert [bool(torch.equal(b, a)) for (_, a), (_, b) in zip(v0, v1)] == [True, False, True]
+    model.user_id_dropout = 1.0  # every user dropped: scored as new, so no day bias
+    torch.manual_seed(3)
+    dropped = model.training_scores(u, i, t)
+    torch.manual_seed(3)
+    assert torch.equal(dropped[0], model.training_scores(u, i)[0])
+
+
+def _moody_ratings(seed: int = 0) -> Interactions:
+    """Every user rates every item over two days, a day's mood (+-1) shifting all of its ratings."""
+    g = torch.Generator().manual_seed(seed)
+    n_users, n_items = 40, 30
+    u, i = (x.reshape(-1) for x in torch.meshgrid(torch.arange(n_users), torch.arange(n_items), indexing="ij"))
+    day = torch.randint(0, 2, (len(u),), generator=g)
+    mood = torch.randint(0, 2, (n_users, 2), generator=g).float() * 2 - 1
+    quality = torch.randn(n_items, generator=g) * 0.5
+    ratings = (3 + mood[u, day] + quality[i] + 0.3 * torch.randn(len(u), generator=g)).clamp(1, 5)
+    return make_inter(u, i, ratings, (u * 10 + day) * DAY + 5000, n_users=n_users, n_items=n_items)
+
+
+def test_day_bias_is_trained_and_evaluated_with_each_rating_time():
+    inter = _moody_ratings()
+    split = random_split(inter, seed=0)[0]
+    rmse = {}
+    for day_bias in (False, True):
+        torch.manual_seed(0)
+        model = HybridModel(inter.n_users, inter.n_items, embedding_dim=4, day_bias=day_bias, reg_day_bias=0.01)
+        # refit: the first fit's table is resized back to empty, then to train + val's days
+        Trainer(epochs=30, batch_size=256, lr=0.05, progress=False, seed=0, refit=True).fit(
+            model, split.train, split.val)
+        rmse[day_bias] = rating_metrics(model, split.test, split.train)["rmse"]
+    assert rmse[True] < 0.6 < rmse[False]
+
+
+def test_day_bias_without_timestamps_is_the_model_without_it():
+    inter = full_train()  # no timestamps
+    predictions = []
+    for day_bias in (False, True):
+        torch.manual_seed(0)
+        model = build("hybrid_sum", day_bias=day_bias)
+        Trainer(epochs=3, batch_size=8, lr=0.02, progress=False, seed=0).fit(model, inter)
+        assert not model.uses_time
+        predictions.append(model.eval()(inter.users, inter.items, inter.timestamps))
+    assert torch.equal(*predictions)

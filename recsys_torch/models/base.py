@@ -75,19 +75,25 @@ class FactorizationModel(nn.Module):
     def _known(self, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return mask.index_select(0, ids).to(self.global_bias.dtype)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.score_with_penalty(users, items)[0]
+    # whether scores depend on when a rating was given: then the rating task hands each row's timestamp
+    # to training_scores and evaluation to forward (``times``); serving scores without it
+    uses_time = False
 
-    def training_scores(self, users: torch.Tensor, items: torch.Tensor
+    def forward(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score_with_penalty(users, items, times)[0]
+
+    def training_scores(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, torch.Tensor]]]:
         """What a rating loss fits: the pairs' scores, their per-example L2 penalty, and other views of
         the same pairs that training should also fit, with their weights (the hybrid's feature towers
-        alone); here none."""
-        scores, penalty = self.score_with_penalty(users, items)
+        alone); here none. ``times``: each pair's timestamp (seconds), given when :attr:`uses_time`."""
+        scores, penalty = self.score_with_penalty(users, items, times)
         return scores, penalty, []
 
-    def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of (user, item) pairs and the per-example L2 penalty of the rows they touch."""
+    def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of (user, item) pairs and the per-example L2 penalty of the rows they touch (here
+        ``times`` plays no part)."""
         u, i = self.user_side(users), self.item_side(items)
         score = self.global_bias + u.bias + i.bias
         if u.vector is not None and i.vector is not None:

@@ -42,6 +42,12 @@ class HybridModel(FactorizationModel):
     ``reg_bias`` the id biases, ``reg_features`` the feature towers, ``reg_implicit`` the ``y_j`` rows.
     ``bias_init_damping``: start the id biases at damped means (:func:`.layers.damped_biases`)
     rather than at zero.
+
+    ``day_bias`` (where the ratings have timestamps): Koren's day-specific user bias of timeSVD++, a
+    bias for each (user, day) that training saw, for the mood of a rating session; ``reg_day_bias``
+    weighs its square per rating. A (user, day) training never saw, a new user, or a score without a
+    time (serving) has none: the user's static bias is what is left, as for Koren's future days.
+    Days are UTC calendar days of the timestamp (seconds).
     """
 
     def __init__(
@@ -68,6 +74,8 @@ class HybridModel(FactorizationModel):
         reg_exponent: float = 0.0,
         id_prior: float = 0.0,
         feature_alone: float = 0.0,
+        day_bias: bool = False,
+        reg_day_bias: float = 0.3,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         self.id_prior = number("model.id_prior", id_prior, float, 0)
@@ -105,8 +113,39 @@ class HybridModel(FactorizationModel):
         if implicit:
             reg_implicit = number("model.reg_implicit", self.reg if reg_implicit is None else reg_implicit, float, 0)
             self.implicit = ImplicitFeedback(n_users, n_items, d, reg_implicit, init_std=0.01)
+        self.day_bias = bool(day_bias)
+        self.reg_day_bias = number("model.reg_day_bias", reg_day_bias, float, 0)
+        if self.day_bias:  # one row per (user, day) of the training data: sized by prepare
+            self.register_buffer("day_keys", torch.zeros(0, dtype=torch.long))
+            self.user_day_bias = bias_embedding(0)
 
     wants_features = True
+
+    @property
+    def uses_time(self) -> bool:
+        return self.day_bias and len(self.day_keys) > 0
+
+    @staticmethod
+    def _day_key(users: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """One integer per (user, UTC day): the user in the high 32 bits, the day in the low."""
+        return users.long() * (1 << 32) + torch.div(times.long(), 86400, rounding_mode="floor") + (1 << 31)
+
+    def _size_day_table(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        self.day_keys = keys
+        self.user_day_bias.weight = torch.nn.Parameter(torch.zeros(len(keys), 1, device=keys.device)
+                                                       if weight is None else torch.empty_like(weight))
+        self.user_day_bias.num_embeddings = len(keys)
+
+    def _day_term(self, users: torch.Tensor, times: torch.Tensor | None):
+        """Each pair's day bias and its penalty, or None (no times, no table). A (user, day) that
+        training never saw gets 0."""
+        if times is None or not self.uses_time:
+            return None
+        key = self._day_key(users, times)
+        pos = torch.searchsorted(self.day_keys, key).clamp_(max=len(self.day_keys) - 1)
+        seen = (self.day_keys.index_select(0, pos) == key).to(self.global_bias.dtype)
+        b = self.user_day_bias(pos).squeeze(-1) * seen
+        return b, self.reg_day_bias * b * b
 
     @property
     def scores_unknown_items(self) -> bool:
@@ -139,6 +178,10 @@ class HybridModel(FactorizationModel):
         for side in ("user", "item"):
             if prefix + f"{side}_count" not in state_dict and prefix + f"known_{side}s" in state_dict:
                 state_dict[prefix + f"{side}_count"] = state_dict[prefix + f"known_{side}s"].float() * 1e30
+        keys, weight = state_dict.get(prefix + "day_keys"), state_dict.get(prefix + "user_day_bias.weight")
+        if self.day_bias and keys is not None and weight is not None:  # the table of the data it was trained on
+            self._size_day_table(torch.empty_like(keys, device=self.day_keys.device),
+                                 weight.to(self.day_keys.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -149,6 +192,10 @@ class HybridModel(FactorizationModel):
         self.item_count.copy_(train.item_counts().to(device).float())
         if self.implicit is not None:
             self.implicit.set_items(train.users, train.items)
+        if self.day_bias:
+            keys = torch.zeros(0, dtype=torch.long) if train.timestamps is None else \
+                torch.unique(self._day_key(train.users, train.timestamps))
+            self._size_day_table(keys.to(device))
         if self.bias_init_damping is not None:
             b_u, b_i = damped_biases(train, self.global_bias, self.n_users, self.n_items, self.bias_init_damping)
             self.user_bias.weight.copy_(b_u.unsqueeze(1))
@@ -170,7 +217,7 @@ class HybridModel(FactorizationModel):
 
     def _rows(self, side: str, ids: torch.Tensor, alone: bool = False):
         """One side of a batch computed once per distinct entity: ``(side, features, inverse,
-        per_example)``. Everything that belongs to an entity (id rows, tower output, SVD++ term,
+        per_example, id_weight)``. Everything that belongs to an entity (id rows, tower output, SVD++ term,
         penalties, the fusion) is a row per distinct entity, ``inverse`` mapping each example to its row;
         but ``side`` is per example when id dropout draws a different id weight for each (``per_example``).
         ``features`` (with ``alone``): the side from its features alone, as for a new entity, per row."""
@@ -213,26 +260,31 @@ class HybridModel(FactorizationModel):
                 features = Side(v.new_zeros(v.shape), b.new_zeros(b.shape), 0.0)
             else:
                 features = Side(*fusion(torch.zeros_like(f), torch.zeros_like(fb), f, fb, torch.zeros_like(fb)), 0.0)
-        return Side(vector, bias, penalty), features, inverse, per_example
+        return Side(vector, bias, penalty), features, inverse, per_example, k
 
     def _batch_side(self, side: str, ids: torch.Tensor, alone: bool = False) -> tuple[Side, Side | None]:
         """One side of a batch per example, and (``alone``) that side from its features alone."""
-        result, features, inverse, per_example = self._rows(side, ids, alone)
+        result, features, inverse, per_example, _ = self._rows(side, ids, alone)
         if not per_example:
             result = Side(*(t.index_select(0, inverse) for t in result))
         if features is not None:
             features = Side(features.vector.index_select(0, inverse), features.bias.index_select(0, inverse), 0.0)
         return result, features
 
-    def training_scores(self, users: torch.Tensor, items: torch.Tensor):
+    def training_scores(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None):
         """With ``feature_alone``: the same pairs are also fitted, each view with that weight, as serving
         scores them when the item is new (the user's whole vector against the item's feature part), when
         the user is new, and when both are. So the towers learn to stand alone where they must, and not
         only the residual the ids leave. A side without a tower has no new-entity view. The towers run
-        once for every view."""
+        once for every view. The day bias (``times``) belongs to the user id: it is in the views that
+        keep the user's whole vector, and left out where id dropout drops the user."""
         alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
-        u, fu, inv_u, drawn_u = self._rows("user", users, alone)
-        i, fi, inv_i, drawn_i = self._rows("item", items, alone)
+        u, fu, inv_u, drawn_u, k_u = self._rows("user", users, alone)
+        i, fi, inv_i, drawn_i, _ = self._rows("item", items, alone)
+        day = self._day_term(users, times)
+        if day is not None and drawn_u:  # a dropped user is scored as a new one: no day bias either
+            kept = (k_u > 0).to(day[0].dtype)
+            day = day[0] * kept, day[1] * kept
         # an id weight per example, or a GPU (where the sparse path is untested and elementwise products
         # are cheap): the pairs' vectors are built per example
         if drawn_u or drawn_i or users.device.type != "cpu":
@@ -249,17 +301,26 @@ class HybridModel(FactorizationModel):
             def pair(a: Side, b: Side) -> torch.Tensor:
                 return (self.global_bias + a.bias.index_select(0, inv_u) + b.bias.index_select(0, inv_i)
                         + pairs.dots(a.vector, b.vector))
+        scores = pair(u, i)
+        if day is not None:
+            scores, penalty = scores + day[0], penalty + day[1]
         if not alone:
-            return pair(u, i), penalty, []
-        views = [(fu, fi)]
-        if self.item_tower is not None:
-            views.append((u, fi))
+            return scores, penalty, []
+        views = [pair(fu, fi)]
+        if self.item_tower is not None:  # the user's whole vector, and its day bias
+            views.append(pair(u, fi) if day is None else pair(u, fi) + day[0])
         if self.user_tower is not None:
-            views.append((fu, i))
-        return pair(u, i), penalty, [(self.feature_alone, pair(a, b)) for a, b in views]
+            views.append(pair(fu, i))
+        return scores, penalty, [(self.feature_alone, view) for view in views]
 
     def _pair(self, u: Side, i: Side) -> torch.Tensor:
         return self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)
+
+    def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None):
+        """As the base model, plus each pair's day bias where ``times`` are given."""
+        scores, penalty = super().score_with_penalty(users, items)
+        day = self._day_term(users, times)
+        return (scores, penalty) if day is None else (scores + day[0], penalty + day[1])
 
     def user_side(self, users: torch.Tensor) -> Side:
         return self._batch_side("user", users)[0]

@@ -830,7 +830,7 @@ def rating_errors(rebuilt: Rebuilt) -> dict:
     from recsys_torch.metrics import predict
 
     test = rebuilt.test
-    pred = predict(rebuilt.model, test.users, test.items, test.rating_scale)
+    pred = predict(rebuilt.model, test.users, test.items, test.rating_scale, times=test.timestamps)
     sq = (pred.double() - test.ratings.double().cpu()) ** 2
     out = {"n": len(test), "rmse": float(torch.sqrt(sq.mean())) if len(test) else math.nan}
     for side, counts, ids in (("users", rebuilt.trained_on.user_counts(), test.users),
