@@ -443,7 +443,8 @@ HYBRID_CHANGES = [{"embedding_dim": 8}, {"fusion": "gated"}, {"fusion": "concat"
                   {"id_dropout": 0.5}, {"user_id_dropout": 0.5}, {"item_id_dropout": 0.5}, {"reg": 0.5},
                   {"reg_bias": 0.5}, {"reg_features": 0.5}, {"reg_exponent": 1.0}, {"init_std": 0.3},
                   {"bias_init_damping": 5.0}, {"implicit": True, "reg_implicit": 5.0}, {"day_bias": True},
-                  {"day_bias": True, "reg_day_bias": 5.0}]
+                  {"day_bias": True, "reg_day_bias": 5.0}, {"day_bias": True, "day_scale": True},
+                  {"day_bias": True, "day_scale": True, "reg_day_scale": 5.0}]
 CONTENT_CHANGES = [{"embedding_dim": 8}, {"hidden": [8]}, {"user_tower": "id"}, {"user_tower": "features"},
                    {"item_id_bias": False}, {"reg": 0.5}, {"reg_bias": 0.5}, {"reg_features": 0.5},
                    {"reg_exponent": 1.0}, {"init_std": 0.3}, {"bias_init_damping": 5.0}]
@@ -454,7 +455,8 @@ def test_every_hyperparameter_changes_the_model(tiny_raw, cls, changes):
     dataset = encode(tiny_raw)
     for change in changes:
         base = {"embedding_dim": 4, **({"implicit": True} if "reg_implicit" in change else {}),
-                **({"day_bias": True} if "reg_day_bias" in change else {})}
+                **({"day_bias": True} if "reg_day_bias" in change else {}),
+                **({"day_bias": True, "day_scale": True} if "reg_day_scale" in change else {})}
         reference = _fit_predict(cls, dataset, **base)
         changed = _fit_predict(cls, dataset, **{**base, **change})
         assert not torch.allclose(reference, changed, atol=1e-5), change
@@ -500,7 +502,7 @@ def test_cold_start_table_script_writes_a_markdown_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("cls,kwargs", [
     (HybridModel, {"fusion": "gated", "implicit": True, "hidden": [8]}),
-    (HybridModel, {"day_bias": True}),
+    (HybridModel, {"day_bias": True, "day_scale": True}),
     (ContentModel, {"user_tower": "both", "hidden": [8]}),
 ])
 def test_checkpoint_round_trip(tiny_raw, tmp_path, cls, kwargs):
@@ -552,6 +554,26 @@ def test_day_bias_adds_a_bias_per_user_day_seen_in_training_and_nothing_elsewher
     assert torch.equal(model(u, i, t + 50 * DAY), static)  # a day training never saw
     new_user = torch.full_like(u, N_USERS - 1)  # never in training
     assert torch.equal(model(new_user, i, t), model(new_user, i))
+
+
+def test_day_scale_multiplies_the_item_bias_per_user_day():
+    train = timed_train()
+    model = build("hybrid_sum", day_bias=True, day_scale=True, reg_day_bias=0.5, reg_day_scale=0.25)
+    model.prepare(train)
+    n = len(model.day_keys)
+    with torch.no_grad():
+        model.user_day_bias.weight.fill_(0.5)
+        model.user_day_scale.weight.copy_(torch.linspace(-1.0, 1.0, n).unsqueeze(1))
+        model.item_bias.weight.copy_(torch.randn(N_ITEMS, 1, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    u, i, t = train.users, train.items, train.timestamps
+    scale = torch.linspace(-1.0, 1.0, n)[_sessions(train)]
+    scores, penalty = model.score_with_penalty(u, i, t)
+    static, static_penalty = model.score_with_penalty(u, i)
+    assert torch.allclose(scores - static, 0.5 + scale * model.item_side(i).bias, atol=1e-6)
+    assert torch.allclose(penalty - static_penalty, 0.5 * 0.25 + 0.25 * scale ** 2, atol=1e-6)
+    model.train()  # training scores it alike (the sparse pair path)
+    assert torch.allclose(model.training_scores(u, i, t)[0], scores, atol=1e-5)
 
 
 def test_day_bias_is_in_the_views_that_keep_the_user_and_leaves_with_a_dropped_user():

@@ -47,7 +47,9 @@ class HybridModel(FactorizationModel):
     bias for each (user, day) that training saw, for the mood of a rating session; ``reg_day_bias``
     weighs its square per rating. A (user, day) training never saw, a new user, or a score without a
     time (serving) has none: the user's static bias is what is left, as for Koren's future days.
-    Days are UTC calendar days of the timestamp (seconds).
+    Days are UTC calendar days of the timestamp (seconds). ``day_scale`` (with ``day_bias``): Koren's
+    day-specific scaling of the item bias, ``c_(u,day) * b_i``, the day's spread between liked and
+    disliked items; ``reg_day_scale`` weighs its square per rating.
     """
 
     def __init__(
@@ -76,6 +78,8 @@ class HybridModel(FactorizationModel):
         feature_alone: float = 0.0,
         day_bias: bool = False,
         reg_day_bias: float = 0.3,
+        day_scale: bool = False,
+        reg_day_scale: float = 0.3,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         self.id_prior = number("model.id_prior", id_prior, float, 0)
@@ -115,9 +119,13 @@ class HybridModel(FactorizationModel):
             self.implicit = ImplicitFeedback(n_users, n_items, d, reg_implicit, init_std=0.01)
         self.day_bias = bool(day_bias)
         self.reg_day_bias = number("model.reg_day_bias", reg_day_bias, float, 0)
+        self.day_scale = bool(day_scale) and self.day_bias
+        self.reg_day_scale = number("model.reg_day_scale", reg_day_scale, float, 0)
         if self.day_bias:  # one row per (user, day) of the training data: sized by prepare
             self.register_buffer("day_keys", torch.zeros(0, dtype=torch.long))
             self.user_day_bias = bias_embedding(0)
+            if self.day_scale:
+                self.user_day_scale = bias_embedding(0)
 
     wants_features = True
 
@@ -130,22 +138,34 @@ class HybridModel(FactorizationModel):
         """One integer per (user, UTC day): the user in the high 32 bits, the day in the low."""
         return users.long() * (1 << 32) + torch.div(times.long(), 86400, rounding_mode="floor") + (1 << 31)
 
-    def _size_day_table(self, keys: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def _size_day_table(self, keys: torch.Tensor) -> None:
         self.day_keys = keys
-        self.user_day_bias.weight = torch.nn.Parameter(torch.zeros(len(keys), 1, device=keys.device)
-                                                       if weight is None else torch.empty_like(weight))
-        self.user_day_bias.num_embeddings = len(keys)
+        for table in (self.user_day_bias, getattr(self, "user_day_scale", None)):
+            if table is not None:
+                table.weight = torch.nn.Parameter(torch.zeros(len(keys), 1, device=keys.device))
+                table.num_embeddings = len(keys)
 
-    def _day_term(self, users: torch.Tensor, times: torch.Tensor | None):
-        """Each pair's day bias and its penalty, or None (no times, no table). A (user, day) that
-        training never saw gets 0."""
+    def _day_term(self, users: torch.Tensor, times: torch.Tensor | None, kept: torch.Tensor | None = None):
+        """Each pair's ``(day bias, day scale of the item bias or None, penalty)``, or None (no times,
+        no table). A (user, day) that training never saw (or a dropped user: ``kept`` 0) gets 0."""
         if times is None or not self.uses_time:
             return None
         key = self._day_key(users, times)
         pos = torch.searchsorted(self.day_keys, key).clamp_(max=len(self.day_keys) - 1)
         seen = (self.day_keys.index_select(0, pos) == key).to(self.global_bias.dtype)
+        seen = seen if kept is None else seen * kept
         b = self.user_day_bias(pos).squeeze(-1) * seen
-        return b, self.reg_day_bias * b * b
+        c = self.user_day_scale(pos).squeeze(-1) * seen if self.day_scale else None
+        penalty = self.reg_day_bias * b * b + (0.0 if c is None else self.reg_day_scale * c * c)
+        return b, c, penalty
+
+    @staticmethod
+    def _with_day(scores: torch.Tensor, day, item_bias: torch.Tensor) -> torch.Tensor:
+        """``scores`` plus the day bias and the day's scaling of ``item_bias`` (per pair)."""
+        if day is None:
+            return scores
+        b, c, _ = day
+        return scores + b if c is None else scores + b + c * item_bias
 
     @property
     def scores_unknown_items(self) -> bool:
@@ -178,10 +198,9 @@ class HybridModel(FactorizationModel):
         for side in ("user", "item"):
             if prefix + f"{side}_count" not in state_dict and prefix + f"known_{side}s" in state_dict:
                 state_dict[prefix + f"{side}_count"] = state_dict[prefix + f"known_{side}s"].float() * 1e30
-        keys, weight = state_dict.get(prefix + "day_keys"), state_dict.get(prefix + "user_day_bias.weight")
-        if self.day_bias and keys is not None and weight is not None:  # the table of the data it was trained on
-            self._size_day_table(torch.empty_like(keys, device=self.day_keys.device),
-                                 weight.to(self.day_keys.device))
+        keys = state_dict.get(prefix + "day_keys")
+        if self.day_bias and keys is not None:  # the table of the data it was trained on
+            self._size_day_table(torch.empty_like(keys, device=self.day_keys.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -281,10 +300,8 @@ class HybridModel(FactorizationModel):
         alone = self.training and self.feature_alone > 0 and (self.user_tower is not None or self.item_tower is not None)
         u, fu, inv_u, drawn_u, k_u = self._rows("user", users, alone)
         i, fi, inv_i, drawn_i, _ = self._rows("item", items, alone)
-        day = self._day_term(users, times)
-        if day is not None and drawn_u:  # a dropped user is scored as a new one: no day bias either
-            kept = (k_u > 0).to(day[0].dtype)
-            day = day[0] * kept, day[1] * kept
+        # a dropped user is scored as a new one: no day bias either
+        day = self._day_term(users, times, (k_u > 0).to(k_u.dtype) if drawn_u else None)
         # an id weight per example, or a GPU (where the sparse path is untested and elementwise products
         # are cheap): the pairs' vectors are built per example
         if drawn_u or drawn_i or users.device.type != "cpu":
@@ -294,6 +311,9 @@ class HybridModel(FactorizationModel):
                 fu, fi = (Side(f.vector.index_select(0, inv), f.bias.index_select(0, inv), 0.0)
                           for f, inv in ((fu, inv_u), (fi, inv_i)))
             penalty, pair = u.penalty + i.penalty, self._pair
+
+            def item_bias(side: Side) -> torch.Tensor:
+                return side.bias
         else:  # row tables: each dot product over the pairs is one sampled sparse product
             penalty = u.penalty.index_select(0, inv_u) + i.penalty.index_select(0, inv_i)
             pairs = Pairs(inv_u, inv_i, len(u.bias), len(i.bias))
@@ -301,14 +321,17 @@ class HybridModel(FactorizationModel):
             def pair(a: Side, b: Side) -> torch.Tensor:
                 return (self.global_bias + a.bias.index_select(0, inv_u) + b.bias.index_select(0, inv_i)
                         + pairs.dots(a.vector, b.vector))
-        scores = pair(u, i)
+
+            def item_bias(side: Side) -> torch.Tensor:
+                return side.bias.index_select(0, inv_i)
+        scores = self._with_day(pair(u, i), day, item_bias(i) if self.day_scale else None)
         if day is not None:
-            scores, penalty = scores + day[0], penalty + day[1]
+            penalty = penalty + day[2]
         if not alone:
             return scores, penalty, []
         views = [pair(fu, fi)]
-        if self.item_tower is not None:  # the user's whole vector, and its day bias
-            views.append(pair(u, fi) if day is None else pair(u, fi) + day[0])
+        if self.item_tower is not None:  # the user's whole vector, and its day terms
+            views.append(self._with_day(pair(u, fi), day, item_bias(fi) if self.day_scale else None))
         if self.user_tower is not None:
             views.append(pair(fu, i))
         return scores, penalty, [(self.feature_alone, view) for view in views]
@@ -318,9 +341,12 @@ class HybridModel(FactorizationModel):
 
     def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None):
         """As the base model, plus each pair's day bias where ``times`` are given."""
-        scores, penalty = super().score_with_penalty(users, items)
         day = self._day_term(users, times)
-        return (scores, penalty) if day is None else (scores + day[0], penalty + day[1])
+        if day is None:
+            return super().score_with_penalty(users, items)
+        u, i = self.user_side(users), self.item_side(items)
+        scores = self._with_day(self._pair(u, i), day, i.bias)
+        return scores, u.penalty + i.penalty + day[2]
 
     def user_side(self, users: torch.Tensor) -> Side:
         return self._batch_side("user", users)[0]
