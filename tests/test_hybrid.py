@@ -556,6 +556,21 @@ def test_day_bias_adds_a_bias_per_user_day_seen_in_training_and_nothing_elsewher
     assert torch.equal(model(new_user, i, t), model(new_user, i))
 
 
+def test_a_day_weighs_its_count_over_count_plus_the_id_prior():
+    train = timed_train()
+    model = build("hybrid_sum", day_bias=True, id_prior=3.0, reg_day_bias=0.5)
+    model.prepare(train)
+    with torch.no_grad():
+        model.user_day_bias.weight.fill_(1.0)
+    model.eval()
+    u, i, t = train.users, train.items, train.timestamps
+    n = torch.bincount(_sessions(train)).float()[_sessions(train)]  # each row's day's training ratings
+    scores, penalty = model.score_with_penalty(u, i, t)
+    static, static_penalty = model.score_with_penalty(u, i)
+    assert torch.allclose(scores - static, n / (n + 3.0))
+    assert torch.allclose(penalty - static_penalty, 0.5 * n / (n + 3.0))
+
+
 def test_day_scale_multiplies_the_item_bias_per_user_day():
     train = timed_train()
     model = build("hybrid_sum", day_bias=True, day_scale=True, reg_day_bias=0.5, reg_day_scale=0.25)

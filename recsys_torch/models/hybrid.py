@@ -45,7 +45,8 @@ class HybridModel(FactorizationModel):
 
     ``day_bias`` (where the ratings have timestamps): Koren's day-specific user bias of timeSVD++, a
     bias for each (user, day) that training saw, for the mood of a rating session; ``reg_day_bias``
-    weighs its square per rating. A (user, day) training never saw, a new user, or a score without a
+    weighs its square per rating. With ``id_prior``, a day of n training ratings weighs
+    n / (n + id_prior), as the id parts do. A (user, day) training never saw, a new user, or a score without a
     time (serving) has none: the user's static bias is what is left, as for Koren's future days.
     Days are UTC calendar days of the timestamp (seconds). ``day_scale`` (with ``day_bias``): Koren's
     day-specific scaling of the item bias, ``c_(u,day) * b_i``, the day's spread between liked and
@@ -123,6 +124,7 @@ class HybridModel(FactorizationModel):
         self.reg_day_scale = number("model.reg_day_scale", reg_day_scale, float, 0)
         if self.day_bias:  # one row per (user, day) of the training data: sized by prepare
             self.register_buffer("day_keys", torch.zeros(0, dtype=torch.long))
+            self.register_buffer("day_counts", torch.zeros(0))  # training ratings of each (user, day)
             self.user_day_bias = bias_embedding(0)
             if self.day_scale:
                 self.user_day_scale = bias_embedding(0)
@@ -138,8 +140,8 @@ class HybridModel(FactorizationModel):
         """One integer per (user, UTC day): the user in the high 32 bits, the day in the low."""
         return users.long() * (1 << 32) + torch.div(times.long(), 86400, rounding_mode="floor") + (1 << 31)
 
-    def _size_day_table(self, keys: torch.Tensor) -> None:
-        self.day_keys = keys
+    def _size_day_table(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        self.day_keys, self.day_counts = keys, counts
         for table in (self.user_day_bias, getattr(self, "user_day_scale", None)):
             if table is not None:
                 table.weight = torch.nn.Parameter(torch.zeros(len(keys), 1, device=keys.device))
@@ -154,10 +156,16 @@ class HybridModel(FactorizationModel):
         pos = torch.searchsorted(self.day_keys, key).clamp_(max=len(self.day_keys) - 1)
         seen = (self.day_keys.index_select(0, pos) == key).to(self.global_bias.dtype)
         seen = seen if kept is None else seen * kept
-        b = self.user_day_bias(pos).squeeze(-1) * seen
-        c = self.user_day_scale(pos).squeeze(-1) * seen if self.day_scale else None
-        penalty = self.reg_day_bias * b * b + (0.0 if c is None else self.reg_day_scale * c * c)
-        return b, c, penalty
+        # count-aware, as the id parts: a day of n ratings weighs n / (n + id_prior), so a day of one
+        # rating cannot fit that rating's noise (a row that few ratings touch moves about lr per Adam
+        # step, whatever its penalty)
+        if self.id_prior > 0:
+            n = self.day_counts.index_select(0, pos)
+            seen = seen * n / (n + self.id_prior)
+        b = self.user_day_bias(pos).squeeze(-1)
+        c = self.user_day_scale(pos).squeeze(-1) if self.day_scale else None
+        penalty = seen * (self.reg_day_bias * b * b + (0.0 if c is None else self.reg_day_scale * c * c))
+        return b * seen, None if c is None else c * seen, penalty
 
     @staticmethod
     def _with_day(scores: torch.Tensor, day, item_bias: torch.Tensor) -> torch.Tensor:
@@ -200,7 +208,8 @@ class HybridModel(FactorizationModel):
                 state_dict[prefix + f"{side}_count"] = state_dict[prefix + f"known_{side}s"].float() * 1e30
         keys = state_dict.get(prefix + "day_keys")
         if self.day_bias and keys is not None:  # the table of the data it was trained on
-            self._size_day_table(torch.empty_like(keys, device=self.day_keys.device))
+            self._size_day_table(torch.empty_like(keys, device=self.day_keys.device),
+                                 torch.empty(len(keys), device=self.day_keys.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -212,9 +221,9 @@ class HybridModel(FactorizationModel):
         if self.implicit is not None:
             self.implicit.set_items(train.users, train.items)
         if self.day_bias:
-            keys = torch.zeros(0, dtype=torch.long) if train.timestamps is None else \
-                torch.unique(self._day_key(train.users, train.timestamps))
-            self._size_day_table(keys.to(device))
+            keys, counts = (torch.zeros(0, dtype=torch.long), torch.zeros(0)) if train.timestamps is None else \
+                torch.unique(self._day_key(train.users, train.timestamps), return_counts=True)
+            self._size_day_table(keys.to(device), counts.to(device).float())
         if self.bias_init_damping is not None:
             b_u, b_i = damped_biases(train, self.global_bias, self.n_users, self.n_items, self.bias_init_damping)
             self.user_bias.weight.copy_(b_u.unsqueeze(1))
