@@ -31,10 +31,11 @@ def predict(model: FactorizationModel, users: torch.Tensor, items: torch.Tensor,
     model.eval()
     device = _device(model)
     out = []
-    times = times if times is not None and model.uses_time else None
+    times = times if times is not None and getattr(model, "uses_time", False) else None
     for n, (u, i) in enumerate(zip(users.split(batch_size), items.split(batch_size))):
         t = None if times is None else times[n * batch_size:(n + 1) * batch_size].to(device)
-        out.append(model(u.to(device), i.to(device), t).float().cpu())
+        pair = (u.to(device), i.to(device)) if t is None else (u.to(device), i.to(device), t)
+        out.append(model(*pair).float().cpu())
     model.train(was_training)
     pred = torch.cat(out) if out else torch.zeros(0)
     if rating_scale is not None:

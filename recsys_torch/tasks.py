@@ -100,7 +100,8 @@ class RatingTask(Task):
 
     def loss(self, model: FactorizationModel, users, items, ratings, weights=None, times=None) -> torch.Tensor:
         """MSE plus the L2 penalty of the rows used, both per example and weighted by ``weights``."""
-        scores, penalty, others = model.training_scores(users, items, times)
+        scores, penalty, others = model.training_scores(users, items) if times is None else \
+            model.training_scores(users, items, times)
         loss = losses.mse(scores, ratings, weights) + losses.weighted_mean(_rows(penalty, len(users), scores.device),
                                                                            weights)
         for weight, other in others:

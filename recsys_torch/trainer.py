@@ -126,7 +126,7 @@ class Trainer:
         task.setup(data, self.device, self.generator)
         if self.device.type == "cuda" and not self.data_on_device:  # rows stay in pinned host memory
             data = train.pin_memory()
-        rows = task.training_rows(data, times=model.uses_time)
+        rows = task.training_rows(data, times=getattr(model, "uses_time", False))  # duck-typed models: no
         t0 = time.perf_counter()
         if not model.trainable or epochs == 0:
             record = self._validate(model, train, val, task, {})

@@ -90,3 +90,21 @@ def test_unknown_counts_are_distinct_ids():
     assert unk_u.tolist() == [True, True, False, False]
     assert unk_i.tolist() == [False, True, True, False]
     assert unknown_counts(TRAIN, data) == {"unknown_users": 1, "unknown_items": 1}
+
+
+def test_predict_takes_times_for_a_model_without_the_time_interface():
+    """A duck-typed model (any module with ``global_bias`` and ``forward(users, items)``) is scored
+    without the times, which only a model that ``uses_time`` takes."""
+    from recsys_torch.metrics import predict
+
+    class Sum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("global_bias", torch.tensor(1.0))
+
+        def forward(self, users, items):
+            return self.global_bias + users.float() + 0.5 * items.float()
+
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    got = predict(Sum(), users, items, times=torch.tensor([10, 20, 30]))
+    assert torch.equal(got, torch.tensor([2.0, 2.0, 3.5]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -158,3 +160,21 @@ def test_a_misspelled_setting_is_refused_not_ignored(name):
         cls(4, 5, item_features=None, user_features=None)  # what train.py passes every model is accepted
     with pytest.raises(TypeError, match="embeding_dim"):
         cls(4, 5, embeding_dim=8)
+
+
+def test_a_model_written_before_times_still_trains_and_scores():
+    """Subclasses that override the two-argument ``score_with_penalty`` (the interface before
+    ``times``) keep working: without times, the model is called as before."""
+    from recsys_torch.metrics import rating_metrics
+    from recsys_torch.models.mf import MFModel
+    from recsys_torch.trainer import Trainer
+
+    class Shifted(MFModel):
+        def score_with_penalty(self, users, items):
+            scores, penalty = super().score_with_penalty(users, items)
+            return scores + 0.0, penalty
+
+    inter = make_inter([0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 0, 2], [5, 3, 4, 2, 1, 5], timestamps=[1, 2, 3, 4, 5, 6])
+    model = Shifted(inter.n_users, inter.n_items, embedding_dim=2)
+    Trainer(epochs=2, batch_size=4, progress=False, fused=False).fit(model, inter)
+    assert math.isfinite(rating_metrics(model, inter)["rmse"])

@@ -80,14 +80,17 @@ class FactorizationModel(nn.Module):
     uses_time = False
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
-        return self.score_with_penalty(users, items, times)[0]
+        # without times, the two-argument call that subclasses written before ``times`` override
+        return (self.score_with_penalty(users, items) if times is None else
+                self.score_with_penalty(users, items, times))[0]
 
     def training_scores(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, torch.Tensor]]]:
         """What a rating loss fits: the pairs' scores, their per-example L2 penalty, and other views of
         the same pairs that training should also fit, with their weights (the hybrid's feature towers
         alone); here none. ``times``: each pair's timestamp (seconds), given when :attr:`uses_time`."""
-        scores, penalty = self.score_with_penalty(users, items, times)
+        scores, penalty = self.score_with_penalty(users, items) if times is None else \
+            self.score_with_penalty(users, items, times)
         return scores, penalty, []
 
     def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None
