@@ -556,47 +556,49 @@ def test_day_bias_adds_a_bias_per_user_day_seen_in_training_and_nothing_elsewher
     assert torch.equal(model(new_user, i, t), model(new_user, i))
 
 
-def test_a_day_weighs_its_count_over_count_plus_the_id_prior():
+def _day_model(day_bias: float, **settings) -> tuple[HybridModel, Interactions]:
+    """A hybrid with day terms prepared on :func:`timed_train`, every day bias set to ``day_bias``."""
     train = timed_train()
-    model = build("hybrid_sum", day_bias=True, id_prior=3.0, reg_day_bias=0.5)
+    model = build("hybrid_sum", day_bias=True, **settings)
     model.prepare(train)
     with torch.no_grad():
-        model.user_day_bias.weight.fill_(1.0)
+        model.user_day_bias.weight.fill_(day_bias)
+    return model, train
+
+
+def _day_part(model, train: Interactions) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the times add to the training pairs' scores and penalties, in evaluation."""
     model.eval()
     u, i, t = train.users, train.items, train.timestamps
+    (scores, penalty), (static, static_penalty) = model.score_with_penalty(u, i, t), model.score_with_penalty(u, i)
+    return scores - static, penalty - static_penalty
+
+
+def test_a_day_weighs_its_count_over_count_plus_the_id_prior():
+    model, train = _day_model(1.0, id_prior=3.0, reg_day_bias=0.5)
     n = torch.bincount(_sessions(train)).float()[_sessions(train)]  # each row's day's training ratings
-    scores, penalty = model.score_with_penalty(u, i, t)
-    static, static_penalty = model.score_with_penalty(u, i)
-    assert torch.allclose(scores - static, n / (n + 3.0))
-    assert torch.allclose(penalty - static_penalty, 0.5 * n / (n + 3.0))
+    score, penalty = _day_part(model, train)
+    assert torch.allclose(score, n / (n + 3.0)) and torch.allclose(penalty, 0.5 * n / (n + 3.0))
 
 
 def test_day_scale_multiplies_the_item_bias_per_user_day():
-    train = timed_train()
-    model = build("hybrid_sum", day_bias=True, day_scale=True, reg_day_bias=0.5, reg_day_scale=0.25)
-    model.prepare(train)
+    model, train = _day_model(0.5, day_scale=True, reg_day_bias=0.5, reg_day_scale=0.25)
     n = len(model.day_keys)
     with torch.no_grad():
-        model.user_day_bias.weight.fill_(0.5)
         model.user_day_scale.weight.copy_(torch.linspace(-1.0, 1.0, n).unsqueeze(1))
         model.item_bias.weight.copy_(torch.randn(N_ITEMS, 1, generator=torch.Generator().manual_seed(1)))
-    model.eval()
-    u, i, t = train.users, train.items, train.timestamps
     scale = torch.linspace(-1.0, 1.0, n)[_sessions(train)]
-    scores, penalty = model.score_with_penalty(u, i, t)
-    static, static_penalty = model.score_with_penalty(u, i)
-    assert torch.allclose(scores - static, 0.5 + scale * model.item_side(i).bias, atol=1e-6)
-    assert torch.allclose(penalty - static_penalty, 0.5 * 0.25 + 0.25 * scale ** 2, atol=1e-6)
+    score, penalty = _day_part(model, train)
+    u, i, t = train.users, train.items, train.timestamps
+    assert torch.allclose(score, 0.5 + scale * model.item_side(i).bias, atol=1e-6)
+    assert torch.allclose(penalty, 0.5 * 0.25 + 0.25 * scale ** 2, atol=1e-6)
+    scores = model(u, i, t)
     model.train()  # training scores it alike (the sparse pair path)
     assert torch.allclose(model.training_scores(u, i, t)[0], scores, atol=1e-5)
 
 
 def test_day_bias_is_in_the_views_that_keep_the_user_and_leaves_with_a_dropped_user():
-    train = timed_train()
-    model = build("hybrid_sum", day_bias=True, feature_alone=0.5, reg_day_bias=0.25)
-    model.prepare(train)
-    with torch.no_grad():
-        model.user_day_bias.weight.fill_(1.0)
+    model, train = _day_model(1.0, feature_alone=0.5, reg_day_bias=0.25)
     model.train()
     u, i, t = train.users, train.items, train.timestamps
     s0, p0, v0 = model.training_scores(u, i)
