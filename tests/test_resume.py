@@ -102,6 +102,24 @@ def test_resume_of_a_model_that_draws_random_numbers_is_bit_exact(tiny_raw, tmp_
     assert_same_fit(reference, fit(inter, tmp_path / "last.pt", make_model=hybrid, resume=True))
 
 
+def test_resume_of_a_model_with_tables_sized_by_the_data_is_bit_exact(tiny_raw, tmp_path):
+    """The hybrid's day tables get their size from the training data (in ``prepare``); restoring the
+    saved state must fill the tables the optimizer already holds, not replace them."""
+    data = encode(tiny_raw)
+    assert data.interactions.timestamps is not None
+
+    def hybrid():
+        return HybridModel(data.n_users, data.n_items, data.item_features, data.user_features, embedding_dim=8,
+                           day_bias=True, day_scale=True, id_prior=2.0)
+
+    inter = data.interactions
+    reference = fit(inter, tmp_path / "ref.pt", make_model=hybrid)
+    assert reference[0].uses_time and bool(reference[0].user_day_bias.weight.abs().sum() > 0)
+    with pytest.raises(Crash):
+        fit(inter, tmp_path / "last.pt", make_model=hybrid, callbacks=[crash_at(3)])
+    assert_same_fit(reference, fit(inter, tmp_path / "last.pt", make_model=hybrid, resume=True))
+
+
 def sigterm_at_step(monkeypatch, call: int, signals=(signal.SIGTERM,)) -> None:
     """Send this process ``signals`` during the ``call``-th training step, whichever step path
     (autograd or the fused kernel) runs; wrapping the task instead would change which path runs."""

@@ -207,7 +207,9 @@ class HybridModel(FactorizationModel):
             if prefix + f"{side}_count" not in state_dict and prefix + f"known_{side}s" in state_dict:
                 state_dict[prefix + f"{side}_count"] = state_dict[prefix + f"known_{side}s"].float() * 1e30
         keys = state_dict.get(prefix + "day_keys")
-        if self.day_bias and keys is not None:  # the table of the data it was trained on
+        # the tables of the data it was trained on; same-sized ones are filled in place, as a resumed
+        # fit's optimizer already holds them
+        if self.day_bias and keys is not None and keys.shape != self.day_keys.shape:
             self._size_day_table(torch.empty_like(keys, device=self.day_keys.device),
                                  torch.empty(len(keys), device=self.day_keys.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
