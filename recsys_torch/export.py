@@ -69,16 +69,22 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
     items plus ``item_titles.npy``. Both: ``meta.json`` with ``global_bias`` and ``dim``. ``known``:
     the run can score the user / recommend the item (it was in training, or a feature tower serves
     it); the other rows hold untrained values. Models without vectors (popularity, baseline) write no
-    vectors. ``score(u, i) = global_bias + user bias + item bias + <user vector, item vector>``."""
+    vectors. ``score(u, i) = global_bias + user bias + item bias + <user vector, item vector>``.
+    Runs whose model scores users that training never saw with their own item biases (the hybrid's
+    ``new_user_bias``) also write the items' ``new_user_bias`` and the users' ``trained``: a user that
+    is not ``trained`` (or a new one) is scored with ``new_user_bias`` in place of the item bias."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out={out} is a file: give a folder to write the embeddings into")
     sides = {
         "user": {"id": rec.user_ids, "known": np.asarray(rec.user_scorable, dtype=bool),
-                 "bias": np.asarray(rec.user_bias, dtype=np.float32), "vector": rec.user_vectors},
+                 "bias": np.asarray(rec.user_bias, dtype=np.float32), "vector": rec.user_vectors,
+                 "trained": None if rec.new_user_item_bias is None else np.asarray(rec.user_trained, dtype=bool)},
         "item": {"id": rec.item_ids, "title": rec.titles, "known": np.asarray(rec.candidates, dtype=bool),
-                 "bias": np.asarray(rec.item_bias, dtype=np.float32), "vector": rec.item_vectors},
+                 "bias": np.asarray(rec.item_bias, dtype=np.float32), "vector": rec.item_vectors,
+                 "new_user_bias": None if rec.new_user_item_bias is None
+                 else np.asarray(rec.new_user_item_bias, dtype=np.float32)},
     }
     dim = 0 if rec.item_vectors is None else int(rec.item_vectors.shape[1])
     written = []
@@ -96,7 +102,7 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
                     arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
                 elif name in ("id", "title"):
                     arrays.append(_strings(pa, list(values)))
-                elif name == "known":
+                elif name in ("known", "trained"):
                     arrays.append(_booleans(pa, values))
                 else:
                     arrays.append(_numbers(pa, values, pa.float32()))
@@ -125,6 +131,9 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
             "n_users": len(rec.user_ids), "n_items": len(rec.item_ids), "model": rec.model_name,
             "run_id": rec.run_id, "files": fmt,
             "score": "global_bias + user bias + item bias + <user vector, item vector>"}
+    if rec.new_user_item_bias is not None:
+        meta["new_user_score"] = ("for a user that is not trained (or a new one): the item's new_user_bias in place "
+                                  "of its bias")
     path = os.path.join(out, META_NAME)
     atomic_json(path, meta)
     return [*written, path]

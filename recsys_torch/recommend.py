@@ -5,8 +5,9 @@ Every model shares ``score = mu + b_u + b_i + <user_vector, item_vector>``, so o
 them all: the user and item sides are computed once, frozen into numpy tables, and a user (known, or
 folded in) is scored against them. What this module asks of a model is the serving part of
 :class:`~recsys_torch.models.base.FactorizationModel` (``user_table``, ``item_table``,
-``scores_unknown_users`` / ``_items``, ``regularization``, ``new_user``); of a task, ``implicit``,
-``threshold``, ``config()`` and ``fold_in_loss``.
+``scores_unknown_users`` / ``_items``, ``regularization``, ``new_user``, ``new_user_item_offset``);
+of a task, ``implicit``, ``threshold``, ``config()`` and ``fold_in_loss``. A user training never saw
+(scored from features, or folded in) is scored with the model's new-user item biases where it has them.
 
 Training writes those tables next to the checkpoint (``recommend.npz``: numpy only, no pickles), so a
 query for a user or an item of the run starts without importing torch, which takes longer than the
@@ -210,6 +211,7 @@ class Recommender:
             task = task_from_config(None)
         model = model.eval()
         items, users = model.item_table(), model.user_table()
+        offset = model.new_user_item_offset()
         self._setup(
             user_ids=[str(u) for u in user_ids], item_ids=[str(i) for i in item_ids],
             titles=[str(t) for t in item_titles] if item_titles else None,
@@ -227,12 +229,15 @@ class Recommender:
             rating_scale=rating_scale, regs=model.regularization(), needs_model=model.new_user_needs_model,
             scores_unknown_users=model.scores_unknown_users, user_vocab=user_vocab, user_dense=user_dense,
             model_name=type(model).__name__,
+            new_user_item_bias=None if offset is None else _numpy(items.bias + offset),
+            user_trained=model.known_users.cpu().numpy().copy(),
         )
         self._model, self._task = model, task
 
     def _setup(self, *, user_ids, item_ids, titles, global_bias, item_vectors, item_bias, user_vectors,
                user_bias, user_scorable, candidates, train, task, task_config, rating_scale, regs, needs_model,
-               scores_unknown_users, user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None) -> None:
+               scores_unknown_users, user_vocab, user_dense, model_name, seen=None, checkpoint: str | None = None,
+               new_user_item_bias=None, user_trained=None) -> None:
         self.user_ids, self.item_ids = user_ids, item_ids
         self.has_titles = bool(titles)  # else the titles are the item ids
         self.titles = titles if titles else list(item_ids)
@@ -241,6 +246,11 @@ class Recommender:
         self.global_bias = float(global_bias)
         self.item_vectors, self.item_bias = item_vectors, item_bias
         self.user_vectors, self.user_bias, self.user_scorable = user_vectors, user_bias, user_scorable
+        # the item biases of a user training never saw (a scored-by-features user of the run, or one
+        # folded in), where the model gives them their own (the hybrid's new_user_bias); None: item_bias
+        self.new_user_item_bias = new_user_item_bias
+        self.user_trained = (np.asarray(user_trained, dtype=bool) if user_trained is not None
+                             else np.asarray(user_scorable, dtype=bool))  # which users training saw
         self.candidates = candidates
         self.implicit, self.threshold, self.loss = task
         self.task_config = dict(task_config)
@@ -328,7 +338,7 @@ class Recommender:
                 scores_unknown_users=bool(a["scores_unknown_users"]),
                 user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
                 user_dense=_unpack(a["user_dense"], a["user_dense_offsets"]), model_name=str(a["model_name"]),
-                checkpoint=checkpoint,
+                checkpoint=checkpoint, new_user_item_bias=a.get("new_user_item_bias"), user_trained=a.get("user_trained"),
             )
             rec.run_id = str(a["run_id"]) or None
             return rec
@@ -358,6 +368,8 @@ class Recommender:
                 a[name] = table
         if self.rating_scale is not None:
             a["rating_scale"] = np.array(self.rating_scale)
+        if self.new_user_item_bias is not None:
+            a["new_user_item_bias"], a["user_trained"] = self.new_user_item_bias, self.user_trained
         if self._train is not None:
             a["train_indptr"], a["train_items"], a["train_ratings"] = self._train
         if self._seen is not None:
@@ -438,9 +450,20 @@ class Recommender:
             self._item_columns = np.ascontiguousarray(self.item_vectors.astype(np.float32, copy=False).T)
         return self._item_columns
 
-    def scores_for(self, vector: np.ndarray | None, bias: float, items: np.ndarray | None = None) -> np.ndarray:
-        """Scores of a user (vector and bias) against every item (or the item codes ``items``)."""
-        item_bias = self.item_bias.astype(np.float32, copy=False)
+    def _item_biases(self, new: bool) -> np.ndarray:
+        """The item biases a user is scored with: a user training never saw (``new``) gets the
+        new-user ones where the model has them."""
+        return self.new_user_item_bias if new and self.new_user_item_bias is not None else self.item_bias
+
+    def is_new(self, code: int) -> bool:
+        """Whether the run's user ``code`` is scored as a user training never saw (from features)."""
+        return not bool(self.user_trained[code])
+
+    def scores_for(self, vector: np.ndarray | None, bias: float, items: np.ndarray | None = None,
+                   new: bool = False) -> np.ndarray:
+        """Scores of a user (vector and bias) against every item (or the item codes ``items``);
+        ``new``: a user training never saw (a folded-in one, or one of the run scored from features)."""
+        item_bias = self._item_biases(new).astype(np.float32, copy=False)
         scores = np.float32(self.global_bias) + np.float32(bias) + (item_bias if items is None else item_bias[items])
         if vector is not None and self.item_vectors is not None:
             columns = self._columns() if items is None else self._columns()[:, items]
@@ -451,8 +474,12 @@ class Recommender:
         """The scores of (user code, item code) pairs of the run: float32, bit for bit what
         :meth:`recommend` gives the same pair."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        item_bias = self.item_bias[items].astype(np.float32, copy=False)
+        if self.new_user_item_bias is not None:
+            item_bias = np.where(self.user_trained[users], item_bias,
+                                 self.new_user_item_bias[items].astype(np.float32, copy=False))
         scores = ((np.float32(self.global_bias) + self.user_bias[users].astype(np.float32, copy=False))
-                  + self.item_bias[items].astype(np.float32, copy=False))
+                  + item_bias)
         if self.user_vectors is not None and self.item_vectors is not None:
             if self._user_columns is None:
                 self._user_columns = np.ascontiguousarray(self.user_vectors.astype(np.float32, copy=False).T)
@@ -480,17 +507,18 @@ class Recommender:
         bias = float(self.user_bias[code])
         exclude = self.rated(code) if exclude_rated else None
         liked = self._liked(items, ratings, trained=True)
+        new = self.is_new(code)
         if index is None:
-            return self._top(self.scores_for(vector, bias), k, exclude, liked, f"user {user}")
+            return self._top(self.scores_for(vector, bias, new=new), k, exclude, liked, f"user {user}")
         n_exclude = 0 if exclude is None else len(exclude)
         query = np.zeros((1, 0), dtype=np.float32) if vector is None else np.asarray(vector, dtype=np.float32)[None]
         hits = index.user_hits(query, min(k + n_exclude, int(self.candidates.sum())))[0]
         hits = np.unique(hits[hits >= 0])
-        return self._top(self.scores_for(vector, bias, hits), k, exclude, liked, f"user {user}", pool=hits)
+        return self._top(self.scores_for(vector, bias, hits, new), k, exclude, liked, f"user {user}", pool=hits)
 
     def recommend_for(self, vec: UserVector, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a folded-in user (see :meth:`fold_in`)."""
-        return self._top(self.scores_for(vec.vector, vec.bias), k, vec.rated if exclude_rated else None, vec.liked,
+        return self._top(self.scores_for(vec.vector, vec.bias, new=True), k, vec.rated if exclude_rated else None, vec.liked,
                          "this user")
 
     def _check_k(self, k, available: int, who: str, n_excluded: int) -> int:
@@ -601,25 +629,29 @@ class Recommender:
         """The candidate items' tables and the bound on how far a BLAS score may be from
         :meth:`score_pairs` (summation order and rounding: a few float32 ulps of the magnitudes)."""
         bias = self.item_bias[cand].astype(np.float32)
+        new_bias = None if self.new_user_item_bias is None else self.new_user_item_bias[cand].astype(np.float32)
         vectors = None
-        tables = [bias, self.user_bias, np.array([self.global_bias])]
+        tables = [bias, self.user_bias, np.array([self.global_bias])] + ([] if new_bias is None else [new_bias])
         if self.item_vectors is not None and self.user_vectors is not None:
             vectors = np.ascontiguousarray(self.item_vectors[cand], dtype=np.float32)
             tables += [vectors, self.user_vectors]
-            # [q_i, b_i, 1]: one product with [p_u, 1, mu + b_u] adds the biases too
-            folded = np.hstack([vectors, bias[:, None], np.ones((len(cand), 1), dtype=np.float32)])
+            # [q_i, b_i, 1]: one product with [p_u, 1, mu + b_u] adds the biases too; with new-user
+            # biases [q_i, b_i, b'_i, 1] and [p_u, trained, not trained, mu + b_u]
+            biases = [bias[:, None]] + ([] if new_bias is None else [new_bias[:, None]])
+            folded = np.hstack([vectors, *biases, np.ones((len(cand), 1), dtype=np.float32)])
         finite = all(bool(np.isfinite(t).all()) for t in tables)
         with np.errstate(over="ignore", invalid="ignore"):
             q_max = float(np.linalg.norm(vectors, axis=1).max()) if vectors is not None and len(cand) else 0.0
             u_norms = (np.linalg.norm(self.user_vectors.astype(np.float64), axis=1) if vectors is not None
                        else np.zeros(len(self.user_ids)))
-            b_max = float(np.abs(bias).max()) if len(bias) else 0.0
+            b_max = max((float(np.abs(b).max()) for b in (bias, new_bias) if b is not None and len(b)), default=0.0)
             largest = float(u_norms.max(initial=0.0)) * q_max + abs(self.global_bias) \
                 + float(np.abs(self.user_bias).max(initial=0.0)) + b_max
         # every score is finite when the tables are and no sum can come near float32's overflow
         finite = finite and largest < 1e37
-        d = 0 if vectors is None else vectors.shape[1] + 2
-        return {"vectors": None if vectors is None else folded, "bias": bias, "q_max": q_max, "u_norms": u_norms,
+        d = 0 if vectors is None else folded.shape[1]
+        return {"vectors": None if vectors is None else folded, "bias": bias, "new_bias": new_bias, "q_max": q_max,
+                "u_norms": u_norms,
                 "b_max": b_max,
                 "ulp": 6.0 * (d + 4) * 2.0 ** -24, "finite": finite}
 
@@ -627,12 +659,17 @@ class Recommender:
         """``(position in users, item code)`` of every item that may be among a user's top ``k``."""
         n_c = len(cand)
         base = np.float32(self.global_bias) + self.user_bias[users].astype(np.float32)
+        trained = self.user_trained[users]
         if setup["vectors"] is None:  # bias-only: these sums are exactly score_pairs'
-            scores = np.broadcast_to(base[:, None], (len(users), n_c)) + setup["bias"][None, :]
+            item_bias = setup["bias"][None, :] if setup["new_bias"] is None else \
+                np.where(trained[:, None], setup["bias"][None, :], setup["new_bias"][None, :])
+            scores = np.broadcast_to(base[:, None], (len(users), n_c)) + item_bias
             margin = np.zeros(len(users))
         else:
             ones = np.ones((len(users), 1), dtype=np.float32)
-            scores = np.hstack([self.user_vectors[users].astype(np.float32, copy=False), ones, base[:, None]]) \
+            which = [ones] if setup["new_bias"] is None else \
+                [trained[:, None].astype(np.float32), (~trained)[:, None].astype(np.float32)]
+            scores = np.hstack([self.user_vectors[users].astype(np.float32, copy=False), *which, base[:, None]]) \
                 @ setup["vectors"].T
             margin = setup["ulp"] * (setup["u_norms"][users] * setup["q_max"] + np.abs(base) + setup["b_max"])
         if rated is not None:
@@ -755,7 +792,7 @@ class Recommender:
 
     def _fit_ratings(self, codes, values, prior_vec, prior_bias) -> tuple[np.ndarray | None, float]:
         """Ridge regression of ``r - mu - b_i`` on ``[q_i, 1]``, shrunk towards the prior."""
-        resid = values.astype(np.float64) - self.global_bias - self.item_bias[codes].astype(np.float64) - prior_bias
+        resid = values.astype(np.float64) - self.global_bias - self._item_biases(True)[codes].astype(np.float64) - prior_bias
         lam_vec, lam_bias = self._reg(len(codes))
         if self.item_vectors is None:
             return None, prior_bias + float(resid.sum() / (len(codes) + lam_bias))
@@ -776,7 +813,7 @@ class Recommender:
 
         cand = np.flatnonzero(self.candidates)
         q = torch.from_numpy(self.item_vectors[cand].astype(np.float64))
-        b = torch.from_numpy(self.item_bias[cand].astype(np.float64))
+        b = torch.from_numpy(self._item_biases(True)[cand].astype(np.float64))
         position = np.full(len(self.item_ids), -1, dtype=np.int64)
         position[cand] = np.arange(len(cand))
         pos = torch.from_numpy(position[positives])

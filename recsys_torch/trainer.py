@@ -149,6 +149,9 @@ class Trainer:
                 run.epoch(state, rows, order, epochs, patience, train, val, guard, prior, t0)
         if state.best_state is not None:
             model.load_state_dict(state.best_state)
+        finish = getattr(model, "finish", None)  # duck-typed models may have none
+        if finish is not None:
+            finish(train, task)
         result = FitResult(state.history, state.best_epoch, state.best_metric, prior + time.perf_counter() - t0,
                            len(train) * len(state.history) / max(state.train_seconds, 1e-9), state.stopped_early,
                            _val_part(state.history[state.best_epoch - 1] if state.best_epoch else {}))

@@ -124,7 +124,7 @@ def every_model(data):
         "baseline": BaselineModel(**sizes),
         "mf": MFModel(**sizes, embedding_dim=4),
         "content": ContentModel(**sizes, embedding_dim=4),
-        "hybrid": HybridModel(**sizes, embedding_dim=4, implicit=True),
+        "hybrid": HybridModel(**sizes, embedding_dim=4, implicit=True, new_user_bias=True),
     }
 
 
@@ -144,6 +144,9 @@ def test_every_model_serves_through_the_interface(data, name, task):
     assert isinstance(model.scores_unknown_items, bool) and isinstance(model.scores_unknown_users, bool)
     side = model.new_user(torch.tensor([0, 1]))
     assert side.vector is None or side.vector.shape == items.vector.shape[1:]
+    model.finish(train, task)
+    offset = model.new_user_item_offset()
+    assert offset is None or offset.shape == (data.n_items,)
     rec = Recommender(model, train.user_ids, train.item_ids, None, train.users, train.items, train.ratings, task,
                       train.rating_scale)
     user = rec.user_ids[int(np.flatnonzero(rec.user_scorable)[0])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 
@@ -143,3 +144,26 @@ def test_cli_refuses_a_file_as_the_output_folder(run, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: out={tmp_path / 'file'} is a file")
     assert cli.run(load_script().main, [f"out={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith("error: run_dir= is required")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_export_of_new_user_item_biases(tmp_path, fmt):
+    """A run whose model scores users training never saw with their own item biases (the hybrid's
+    new_user_bias) exports them, with which users are trained; other runs write neither."""
+    import pyarrow.parquet as pq
+
+    rec = readme_recommender()
+    plain = export_embeddings(rec, str(tmp_path / "plain"), fmt)
+    assert not any("trained" in name or "new_user" in name for name in map(os.path.basename, plain))
+    rec.new_user_item_bias = rec.item_bias + np.float32(0.25)
+    rec.user_trained = np.array([True, True, False, True, True])
+    export_embeddings(rec, str(tmp_path / "out"), fmt)
+    if fmt == "parquet":
+        items, users = (pq.read_table(tmp_path / "out" / f"{side}s.parquet") for side in ("item", "user"))
+        got_bias, got_trained = items.column("new_user_bias").to_numpy(), users.column("trained").to_numpy(zero_copy_only=False)
+    else:
+        got_bias = np.load(tmp_path / "out" / "item_new_user_bias.npy", allow_pickle=False)
+        got_trained = np.load(tmp_path / "out" / "user_trained.npy", allow_pickle=False)
+    np.testing.assert_array_equal(got_bias, rec.new_user_item_bias)
+    np.testing.assert_array_equal(got_trained, rec.user_trained)
+    assert "new_user_bias" in json.loads((tmp_path / "out" / "meta.json").read_text())["new_user_score"]

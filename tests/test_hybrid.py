@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from recsys_torch.errors import ConfigError
 from recsys_torch.metrics import rating_metrics
 from recsys_torch.models import ContentModel, HybridModel
 from recsys_torch.splits import random_split
+from recsys_torch.tasks import RankingTask, RatingTask
 from recsys_torch.trainer import Trainer
 
 from conftest import make_inter
@@ -503,6 +505,7 @@ def test_cold_start_table_script_writes_a_markdown_table(tmp_path, capsys):
 @pytest.mark.parametrize("cls,kwargs", [
     (HybridModel, {"fusion": "gated", "implicit": True, "hidden": [8]}),
     (HybridModel, {"day_bias": True, "day_scale": True}),
+    (HybridModel, {"new_user_bias": True, "id_prior": 5.0}),
     (ContentModel, {"user_tower": "both", "hidden": [8]}),
 ])
 def test_checkpoint_round_trip(tiny_raw, tmp_path, cls, kwargs):
@@ -650,3 +653,62 @@ def test_day_bias_without_timestamps_is_the_model_without_it():
         assert not model.uses_time
         predictions.append(model.eval()(inter.users, inter.items, inter.timestamps))
     assert torch.equal(*predictions)
+
+
+# ---- the new-user item bias --------------------------------------------------------------------------
+def _new_user_model(**settings) -> tuple[HybridModel, Interactions]:
+    """A hybrid with ``new_user_bias`` prepared on :func:`full_train` (user 5 and item 7 unknown), its
+    item biases drawn away from zero."""
+    model = build("hybrid_sum", new_user_bias=True, id_prior=2.0, **settings).eval()
+    train = full_train()
+    model.prepare(train)
+    with torch.no_grad():
+        model.item_bias.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
+    return model, train
+
+
+def test_new_user_bias_is_each_items_damped_mean_residual_under_the_new_user_score():
+    model, train = _new_user_model()
+    model.finish(train, RatingTask())
+    as_new = copy.deepcopy(model)  # every training pair scored as if its user were new
+    as_new.known_users.zero_()
+    as_new.new_user_offset.zero_()
+    residual = train.ratings - as_new(train.users, train.items)
+    n = torch.bincount(train.items, minlength=N_ITEMS).float()
+    want = torch.zeros(N_ITEMS).index_add_(0, train.items, residual) / (n + 2.0)
+    assert torch.allclose(model.new_user_offset, want, atol=1e-5)
+    assert model.new_user_offset[7] == 0 and model.new_user_offset.abs().min() < model.new_user_offset.abs().max()
+    assert model.new_user_offset.abs().sum() > 0.5
+
+
+def test_only_users_training_never_saw_get_the_new_user_bias():
+    model, train = _new_user_model()
+    users, items = all_pairs()
+    before = model(users, items)
+    model.finish(train, RatingTask())
+    after, new = model(users, items), users == N_USERS - 1
+    assert torch.equal(after[~new], before[~new])
+    assert torch.allclose(after[new], before[new] + model.new_user_offset[items[new]], atol=1e-6)
+    assert torch.allclose(model.score_all(torch.arange(N_USERS)).reshape(-1), after, atol=1e-5)
+    assert torch.equal(model.new_user_item_offset(), model.new_user_offset)
+
+
+def test_a_ranking_task_and_a_model_without_it_get_no_new_user_bias():
+    model, train = _new_user_model()
+    model.finish(train, RankingTask())
+    assert not model.new_user_offset.any() and model.new_user_item_offset() is None
+    plain = build("hybrid_sum", id_prior=2.0)
+    plain.prepare(train)
+    plain.finish(train, RatingTask())
+    assert "new_user_offset" not in plain.state_dict() and plain.new_user_item_offset() is None
+
+
+def test_the_trainer_sets_the_new_user_bias_from_the_data_of_the_final_fit():
+    model, data = _new_user_model()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    train, val = data.subset(order[:-6]), data.subset(order[-6:])
+    Trainer(epochs=3, batch_size=16, progress=False, refit=True, seed=0).fit(model, train, val)
+    got = model.new_user_offset.clone()
+    assert got.abs().sum() > 0.1
+    model.finish(train.concat(val), RatingTask())  # the refit's data, not the first fit's
+    assert torch.allclose(got, model.new_user_offset)

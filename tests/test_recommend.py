@@ -19,7 +19,7 @@ from recsys_torch.data.features import Features
 from recsys_torch.errors import CheckpointError, ConfigError, UnknownIdError
 from recsys_torch.models import HybridModel, MFModel, PopularityModel
 from recsys_torch.recommend import Recommender
-from recsys_torch.tasks import RankingTask
+from recsys_torch.tasks import RankingTask, RatingTask
 from recsys_torch.train import train
 
 SCRIPT = str(REPO / "scripts" / "recommend.py")
@@ -295,6 +295,46 @@ def test_features_fold_in_matches_the_model_on_an_unseen_user(fusion):
         rec.fold_in([], {"gender": "X"})
     with pytest.raises(UnknownIdError, match="unknown user feature 'age'"):
         rec.fold_in([], {"age": "30"})
+
+
+def test_users_training_never_saw_are_served_with_the_new_user_item_bias(tmp_path):
+    """The hybrid's new_user_bias: a user of the run scored from features, and a folded-in user, get
+    the model's new-user item biases in every serving path; a trained user gets the plain ones."""
+    from conftest import make_inter
+
+    torch.manual_seed(0)
+    features = categorical_user_features(3)
+    model = HybridModel(3, 6, user_features=features, embedding_dim=4, new_user_bias=True, id_prior=1.0)
+    users, items = [0] * 5 + [1] * 4, [0, 1, 2, 3, 4, 1, 2, 3, 5]
+    ratings = [5.0, 1.0, 4.0, 2.0, 3.0, 1.0, 5.0, 2.0, 4.0]
+    train_rows = make_inter(users, items, ratings, n_users=3, n_items=6)  # user c (2) never rated
+    model.prepare(train_rows)
+    model.finish(train_rows, RatingTask())
+    model.eval()
+    assert model.new_user_item_offset() is not None
+    table = model.score_all(torch.arange(3)).numpy()
+    rec = Recommender(model, ["a", "b", "c"], [str(i) for i in range(6)], None, torch.tensor(users),
+                      torch.tensor(items), torch.tensor(ratings), user_vocab=features.vocab, user_dense=[])
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"stands in for the run's checkpoint")
+    rec.save_index(str(tmp_path / "recommend.npz"), str(checkpoint))
+    saved = Recommender._from_index(str(tmp_path / "recommend.npz"), str(checkpoint))
+    folded = rec.fold_in([], {"gender": "F", "job": "b"})  # user c's features
+    assert rec.is_new(2) and not rec.is_new(0)
+    for served in (rec, saved):
+        for code, user in enumerate("abc"):
+            got = {int(r.item): r.score for r in served.recommend(user, k=6, exclude_rated=False)}
+            assert np.allclose([got[i] for i in range(6)], table[code], atol=1e-5), user
+        pairs = served.score_pairs(np.repeat(np.arange(3), 6), np.tile(np.arange(6), 3))
+        assert np.allclose(pairs, table.reshape(-1), atol=1e-5)
+        for k in (1, 2, 3, 6):
+            every = rows_by_user(served.recommend_all(k, exclude_rated=False))
+            assert all(every[code] == single(served, code, k, exclude_rated=False) for code in range(3))
+        got = {int(r.item): r.score for r in served.recommend_for(folded, 6, exclude_rated=False)}
+        assert np.allclose([got[i] for i in range(6)], table[2], atol=1e-5)
+    # ratings that are exactly what the model predicts for c leave fold-in nothing to correct
+    again = rec.fold_in([(str(i), float(table[2, i])) for i in range(6)], {"gender": "F", "job": "b"})
+    assert np.allclose(again.vector, folded.vector, atol=1e-4) and again.bias == pytest.approx(folded.bias, abs=1e-4)
 
 
 # ---- the command line -----------------------------------------------------------------------------

@@ -139,6 +139,16 @@ class FactorizationModel(nn.Module):
         bias, scaled by their count as in training."""
         return float(self.reg), float(self.reg_bias), float(self.reg_exponent)
 
+    def new_user_item_offset(self) -> torch.Tensor | None:
+        """What a user that training never saw adds to each item's bias (``[n_items]``), in models
+        that score unknown users so (the hybrid's ``new_user_bias``); None: nothing."""
+        return None
+
+    @torch.no_grad()
+    def finish(self, train: Interactions, task=None) -> None:
+        """Called by the trainer once the chosen weights are in place, with the data they were trained
+        on: statistics a model takes from its trained weights and that data. Here none."""
+
     @property
     def new_user_needs_model(self) -> bool:
         """Whether :meth:`new_user` gives more than zeros (then serving a new user needs the model)."""

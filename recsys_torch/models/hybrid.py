@@ -51,6 +51,14 @@ class HybridModel(FactorizationModel):
     Days are UTC calendar days of the timestamp (seconds). ``day_scale`` (with ``day_bias``): Koren's
     day-specific scaling of the item bias, ``c_(u,day) * b_i``, the day's spread between liked and
     disliked items; ``reg_day_scale`` weighs its square per rating.
+
+    ``new_user_bias`` (rating tasks): after training, each item gets an offset for users training
+    never saw, the damped mean of its training ratings' residuals under the model's new-user score
+    (the user side from features alone): ``sum(r - score_new) / (n_i + id_prior)``. A known item's bias
+    is learned next to the user biases of the users who rated it, so it is the item's effect on top of
+    those raters' own leniency; a new user has no such bias, and is scored with the item's mean effect
+    on a user known only by features. Every score of an unknown user adds it (evaluation and serving);
+    known users never see it, and training is unchanged (it is set by :meth:`finish`).
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class HybridModel(FactorizationModel):
         reg_day_bias: float = 0.3,
         day_scale: bool = False,
         reg_day_scale: float = 0.3,
+        new_user_bias: bool = False,
     ) -> None:
         super().__init__(n_users, n_items, reg_exponent)
         self.id_prior = number("model.id_prior", id_prior, float, 0)
@@ -128,6 +137,9 @@ class HybridModel(FactorizationModel):
             self.user_day_bias = bias_embedding(0)
             if self.day_scale:
                 self.user_day_scale = bias_embedding(0)
+        self.new_user_bias = bool(new_user_bias)
+        if self.new_user_bias:  # set by finish, after training; zero until then
+            self.register_buffer("new_user_offset", torch.zeros(n_items))
 
     wants_features = True
 
@@ -226,6 +238,8 @@ class HybridModel(FactorizationModel):
             keys, counts = (torch.zeros(0, dtype=torch.long), torch.zeros(0)) if train.timestamps is None else \
                 torch.unique(self._day_key(train.users, train.timestamps), return_counts=True)
             self._size_day_table(keys.to(device), counts.to(device).float())
+        if self.new_user_bias:  # set again by finish, from the weights trained on this data
+            self.new_user_offset.zero_()
         if self.bias_init_damping is not None:
             b_u, b_i = damped_biases(train, self.global_bias, self.n_users, self.n_items, self.bias_init_damping)
             self.user_bias.weight.copy_(b_u.unsqueeze(1))
@@ -351,13 +365,61 @@ class HybridModel(FactorizationModel):
         return self.global_bias + u.bias + i.bias + (u.vector * i.vector).sum(-1)
 
     def score_with_penalty(self, users: torch.Tensor, items: torch.Tensor, times: torch.Tensor | None = None):
-        """As the base model, plus each pair's day bias where ``times`` are given."""
+        """As the base model, plus each pair's day bias where ``times`` are given, and the new-user
+        item bias where the user is unknown."""
         day = self._day_term(users, times)
         if day is None:
-            return super().score_with_penalty(users, items)
-        u, i = self.user_side(users), self.item_side(items)
-        scores = self._with_day(self._pair(u, i), day, i.bias)
-        return scores, u.penalty + i.penalty + day[2]
+            scores, penalty = super().score_with_penalty(users, items)
+        else:
+            u, i = self.user_side(users), self.item_side(items)
+            scores = self._with_day(self._pair(u, i), day, i.bias)
+            penalty = u.penalty + i.penalty + day[2]
+        if self.new_user_bias:
+            new = (~self.known_users.index_select(0, users)).to(scores.dtype)
+            scores = scores + new * self.new_user_offset.index_select(0, items)
+        return scores, penalty
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, items: Side | None = None) -> torch.Tensor:
+        scores = super().score_all(users, items)
+        if self.new_user_bias:
+            new = ~self.known_users.index_select(0, users)
+            if bool(new.any()):
+                scores[new] += self.new_user_offset
+        return scores
+
+    def new_user_item_offset(self) -> torch.Tensor | None:
+        return self.new_user_offset if self.new_user_bias and bool(self.new_user_offset.any()) else None
+
+    @torch.no_grad()
+    def finish(self, train: Interactions, task=None) -> None:
+        """Set the new-user item bias (``new_user_bias``) from the trained weights and ``train``: each
+        item's damped mean residual under the new-user score, ``sum(r - score_new) / (n_i + id_prior)``.
+        Ranking tasks (``task.implicit``) keep zero: their rows are positives, not ratings, and an item
+        offset for new users would only rank the popular items of the training users higher."""
+        if not self.new_user_bias:
+            return
+        self.new_user_offset.zero_()
+        if (task is not None and task.implicit) or len(train) == 0:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.global_bias.device
+            items = self.item_table()
+            # every user's side as a new user's: the features alone (zeros without a user tower)
+            _, new, _, _, _ = self._rows("user", torch.arange(self.n_users, device=device), alone=True)
+            total = torch.zeros(self.n_items, dtype=torch.float64, device=device)
+            for start in range(0, len(train), 1 << 18):
+                u, i, r = (t[start:start + (1 << 18)].to(device) for t in (train.users, train.items, train.ratings))
+                score = (self.global_bias + new.bias.index_select(0, u) + items.bias.index_select(0, i)
+                         + (new.vector.index_select(0, u) * items.vector.index_select(0, i)).sum(-1))
+                total.index_add_(0, i, (r.to(score.dtype) - score).double())
+            n = train.item_counts().to(device).double()
+            offset = torch.where(n > 0, total / (n + self.id_prior).clamp(min=1e-12), torch.zeros_like(total))
+            self.new_user_offset.copy_(offset.float())
+        finally:
+            self.train(was_training)
 
     def user_side(self, users: torch.Tensor) -> Side:
         return self._batch_side("user", users)[0]

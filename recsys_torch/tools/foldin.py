@@ -63,7 +63,7 @@ class FoldedUsers(torch.nn.Module):
         self.rec, self.vectors = rec, vectors
 
     def score_all(self, users):
-        return torch.stack([torch.from_numpy(self.rec.scores_for(self.vectors[u].vector, self.vectors[u].bias))
+        return torch.stack([torch.from_numpy(self.rec.scores_for(self.vectors[u].vector, self.vectors[u].bias, new=True))
                             for u in users.tolist()])
 
 
