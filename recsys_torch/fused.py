@@ -144,7 +144,11 @@ def load_extension(timeout: float | None = None):
                 log.warning("removing %s, left by an interrupted build of the fused MF kernel", stale)
                 os.unlink(stale)
             try:
-                log.info("loading the fused MF kernel (built once per source version, then cached in %s)", folder)
+                if any(f.endswith((".so", ".pyd")) for f in os.listdir(folder)):
+                    log.info("loading the fused MF kernel (built once per source version, then cached in %s)", folder)
+                else:  # a pause of a minute or so, once: say so where it shows, also from the Python API
+                    log.warning("compiling the fused MF kernel, once per source version (about a minute on 2 "
+                                "cores; cached in %s; trainer.fused=false skips it)", folder)
                 with _signals_recorded(received):
                     _extension = load(name=name, sources=[_SOURCE], extra_cflags=FLAGS, build_directory=folder,
                                       verbose=False)

@@ -40,6 +40,25 @@ def test_a_lock_left_by_a_killed_build_is_cleared(fresh_build):
     assert calls == [(calls[0][0], folder, False)]  # torch would have waited on it forever
 
 
+def test_the_first_build_says_it_compiles_and_a_built_kernel_only_loads(fresh_build, caplog):
+    """The first run pauses for the compiler: a warning says so (it shows from the Python API too)."""
+    import logging
+
+    fused, calls = fresh_build
+    with caplog.at_level(logging.INFO, logger=fused.log.name):
+        assert fused.load_extension(timeout=1) == "module"
+    first = [r for r in caplog.records if "fused MF kernel" in r.getMessage()]
+    assert [r.levelno for r in first] == [logging.WARNING] and "compiling" in first[0].getMessage()
+    _, folder = fused.build_directory()
+    open(os.path.join(folder, calls[0][0] + ".so"), "w").close()  # what the compiler leaves
+    caplog.clear()
+    fused._extension = None
+    with caplog.at_level(logging.INFO, logger=fused.log.name):
+        assert fused.load_extension(timeout=1) == "module"
+    again = [r for r in caplog.records if "fused MF kernel" in r.getMessage()]
+    assert [r.levelno for r in again] == [logging.INFO] and "loading" in again[0].getMessage()
+
+
 def test_a_build_held_by_another_process_times_out_to_the_pure_path(fresh_build, caplog):
     import fcntl
 
