@@ -119,6 +119,20 @@ def test_each_config_group_option_runs(compose, tmp_path, overrides):
     assert not (tmp_path / "tb").exists()  # logger=none writes no event files
 
 
+def test_a_model_gets_its_preset_for_a_task_its_defaults_are_not_for(compose):
+    """configs/preset/hybrid_ranking.yaml: model=hybrid under task=ranking trains what the ranking
+    experiment does; under task=rating (and for models without a preset) nothing changes; the command
+    line still overrides a preset's keys."""
+    ranking = compose(["task=ranking", "model=hybrid"])
+    assert ranking.model.reg == 0.07 and ranking.model.implicit is False and ranking.trainer.batch_size == 100000
+    assert compose(["model=hybrid"]).model.reg == 1.0 and compose(["model=hybrid"]).model.implicit is True
+    assert compose(["task=ranking"]).model._target_ == "recsys_torch.models.MFModel"
+    mine = compose(["task=ranking", "model=hybrid", "model.reg=0.5", "trainer.lr=0.02"])
+    assert mine.model.reg == 0.5 and mine.trainer.lr == 0.02
+    experiment = compose(["experiment=ranking_ml100k_hybrid"])
+    assert experiment.model == compose(["task=ranking", "model=hybrid", "split=user"]).model
+
+
 def test_cold_item_split_reports_unknown_items_and_cold_metrics(compose, tmp_path):
     metrics = train(compose(["split=cold_item"]), str(tmp_path))
     assert metrics["n_test_unknown_items"] == round(0.2 * TINY["n_items"])
