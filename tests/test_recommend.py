@@ -32,8 +32,10 @@ def rating_run(tmp_path_factory):
     return out
 
 
+# against the hybrid's ranking preset: the user tower on (for the features queries) and no refit (on
+# train + val, a user of the tiny data would have fewer than 5 items left to recommend)
 RANKING_RUN = ["task=ranking", "task.loss=softmax", "task.n_negatives=4", "split=user", "model=hybrid",
-               "trainer.epochs=3"]
+               "model.use_user_features=true", "trainer.refit=false", "trainer.epochs=3"]
 
 
 @pytest.fixture(scope="module")
