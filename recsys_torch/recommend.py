@@ -838,9 +838,12 @@ class Recommender:
         the given features, the SVD++ term of the rated items, in models with them); zero otherwise."""
         d = self.item_vectors.shape[1] if self.item_vectors is not None else 0
         if user_features is not None and (not self.scores_unknown_users or self.user_vocab is None):
+            off = (" (this run's data has user features, but its hybrid was trained with "
+                   "model.use_user_features=false, as task=ranking's preset does)"
+                   if self.model_name == "HybridModel" and self.user_vocab is not None else "")
             raise CheckpointError(f"this run's model ({self.model_name}) has no user feature tower: "
                                   "recommending from user features needs model=content or hybrid trained on data "
-                                  "with user features")
+                                  f"with user features{off}")
         if not self.needs_model or (user_features is None and not (len(codes) and d)):
             return np.zeros(d, dtype=np.float32), 0.0
         import torch

@@ -299,6 +299,14 @@ def test_features_fold_in_matches_the_model_on_an_unseen_user(fusion):
         rec.fold_in([], {"age": "30"})
 
 
+def test_features_of_a_hybrid_without_its_user_tower_name_the_setting():
+    features = categorical_user_features(3)
+    model = _prepared(HybridModel(3, 5, user_features=features, embedding_dim=4, use_user_features=False))
+    rec = Recommender(model, ["a", "b", "c"], [str(i) for i in range(5)], user_vocab=features.vocab, user_dense=[])
+    with pytest.raises(CheckpointError, match="trained with model.use_user_features=false"):
+        rec.fold_in([], {"gender": "F"})
+
+
 def test_users_training_never_saw_are_served_with_the_new_user_item_bias(tmp_path):
     """The hybrid's new_user_bias: a user of the run scored from features, and a folded-in user, get
     the model's new-user item biases in every serving path; a trained user gets the plain ones."""
