@@ -323,7 +323,8 @@ def summary(metrics: dict, output_dir: str) -> str:
     if metrics.get("best_epoch") or metrics.get("train_ratings_per_second"):
         lines.append(f"  fit time                    {metrics['fit_seconds']:.2f} s"
                      + (" per fold" if "folds" in metrics else "")
-                     + f" ({metrics['train_ratings_per_second'] / 1e6:.2f} M ratings/s)")
+                     + f" ({metrics['train_ratings_per_second'] / 1e6:.2f} M ratings/s in the training steps;"
+                       " the fit time also counts validation)")
     else:
         lines.append(f"  fit time                    {metrics['fit_seconds']:.3f} s (no gradient steps: computed from "
                      "the training counts)")

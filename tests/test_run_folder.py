@@ -241,6 +241,8 @@ def test_the_summary_counts_what_a_segment_covers_and_says_when_nothing_was_fitt
     assert "(no gradient steps: computed from the training counts)" in text and "0.00 M ratings/s" not in text
     ranked = summary({**metrics, "test/n_users": 857.0, "best_epoch": 3, "train_ratings_per_second": 1e6}, "out")
     assert "test users ranked            857" in ranked and "857.0000" not in ranked
+    # the two time bases are named: ratings/s over the training steps, the fit time with validation
+    assert "(1.00 M ratings/s in the training steps; the fit time also counts validation)" in ranked
 
 
 def test_tensorboard_hparams_name_the_run(tmp_path, monkeypatch):
