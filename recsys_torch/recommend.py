@@ -338,7 +338,8 @@ class Recommender:
                 scores_unknown_users=bool(a["scores_unknown_users"]),
                 user_vocab=_unpack(a["user_vocab"], a["user_vocab_offsets"]) if "user_vocab" in a else None,
                 user_dense=_unpack(a["user_dense"], a["user_dense_offsets"]), model_name=str(a["model_name"]),
-                checkpoint=checkpoint, new_user_item_bias=a.get("new_user_item_bias"), user_trained=a.get("user_trained"),
+                checkpoint=checkpoint, new_user_item_bias=a.get("new_user_item_bias"),
+                user_trained=a.get("user_trained"),
             )
             rec.run_id = str(a["run_id"]) or None
             return rec
@@ -518,8 +519,8 @@ class Recommender:
 
     def recommend_for(self, vec: UserVector, k: int = 10, exclude_rated: bool = True) -> list[Recommendation]:
         """The top ``k`` items for a folded-in user (see :meth:`fold_in`)."""
-        return self._top(self.scores_for(vec.vector, vec.bias, new=True), k, vec.rated if exclude_rated else None, vec.liked,
-                         "this user")
+        return self._top(self.scores_for(vec.vector, vec.bias, new=True), k, vec.rated if exclude_rated else None,
+                         vec.liked, "this user")
 
     def _check_k(self, k, available: int, who: str, n_excluded: int) -> int:
         k = self._check_catalog_k(k)
@@ -792,7 +793,8 @@ class Recommender:
 
     def _fit_ratings(self, codes, values, prior_vec, prior_bias) -> tuple[np.ndarray | None, float]:
         """Ridge regression of ``r - mu - b_i`` on ``[q_i, 1]``, shrunk towards the prior."""
-        resid = values.astype(np.float64) - self.global_bias - self._item_biases(True)[codes].astype(np.float64) - prior_bias
+        item_bias = self._item_biases(True)[codes].astype(np.float64)  # a folded-in user is a new one
+        resid = values.astype(np.float64) - self.global_bias - item_bias - prior_bias
         lam_vec, lam_bias = self._reg(len(codes))
         if self.item_vectors is None:
             return None, prior_bias + float(resid.sum() / (len(codes) + lam_bias))
