@@ -158,6 +158,10 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     output_dir = HydraConfig.get().runtime.output_dir
+    preset = HydraConfig.get().runtime.choices.get("preset")
+    if preset:  # picked by model and task, not typed: say so
+        log.info("preset %s: configs/preset/%s.yaml sets this model's settings for this task (any of them can be "
+                 "overridden on the command line)", preset, preset)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return _trial(cfg, output_dir)
     with cli.errors():

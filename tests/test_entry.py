@@ -213,6 +213,13 @@ def test_script_runs_an_experiment(tmp_path):
     assert "recsys_torch run summary" in proc.stdout and "test/rmse" in proc.stdout
 
 
+def test_script_says_which_preset_it_picked(tmp_path):
+    tiny = [f"data.{key}={value}" for key, value in TINY.items()]
+    proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", "model=hybrid", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "preset hybrid_ranking: configs/preset/hybrid_ranking.yaml" in (tmp_path / "train.log").read_text()
+
+
 def test_script_reports_a_user_error_in_one_line(tmp_path):
     proc = run_script("data=csv", "data.ratings=/nonexistent.csv", *TINY_RUN, f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
