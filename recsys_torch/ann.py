@@ -3,7 +3,9 @@
 
 A score is ``mu + b_u + b_i + <p_u, q_i>``; for one user ``mu + b_u`` is a constant, so folding the
 item bias into the vectors, user ``[p_u, 1]`` and item ``[q_i, b_i]``, makes an inner-product search
-rank the items exactly as the model does. Similar items use the cosine (unit item vectors). The index
+rank the items exactly as the model does. A run whose model has new-user item biases ``b'_i`` (the
+hybrid's ``new_user_bias``, for users training never saw) folds both: item ``[q_i, b_i, b'_i]``, a
+trained user ``[p_u, 1, 0]`` and a new one ``[p_u, 0, 1]``, so one index serves both kinds. Similar items use the cosine (unit item vectors). The index
 only proposes candidates: :class:`~recsys_torch.recommend.Recommender` scores them exactly, drops the
 user's rated items (it asks for ``k`` plus their count) and ranks them, so what an approximate index
 changes is recall, never a score.
@@ -57,18 +59,23 @@ class AnnSettings:
         return "flat" if self.kind == "flat" else f"hnsw{self.m}-{self.ef_construction}"
 
 
-def fold_items(vectors: np.ndarray | None, bias: np.ndarray) -> np.ndarray:
-    """Items as ``[q_i, b_i]``."""
-    bias = np.asarray(bias, dtype=np.float32)[:, None]
-    if vectors is None:
-        return np.ascontiguousarray(bias)
-    return np.ascontiguousarray(np.hstack([np.asarray(vectors, dtype=np.float32), bias]))
+def fold_items(vectors: np.ndarray | None, bias: np.ndarray, new_user_bias: np.ndarray | None = None) -> np.ndarray:
+    """Items as ``[q_i, b_i]``, or ``[q_i, b_i, b'_i]`` with new-user biases."""
+    columns = [np.asarray(b, dtype=np.float32)[:, None] for b in (bias, new_user_bias) if b is not None]
+    if vectors is not None:
+        columns.insert(0, np.asarray(vectors, dtype=np.float32))
+    return np.ascontiguousarray(np.hstack(columns))
 
 
-def fold_users(vectors: np.ndarray) -> np.ndarray:
-    """Users as ``[p_u, 1]``: their inner product with a folded item is ``<p_u, q_i> + b_i``."""
+def fold_users(vectors: np.ndarray, new: np.ndarray | None = None) -> np.ndarray:
+    """Users as ``[p_u, 1]``: their inner product with a folded item is ``<p_u, q_i> + b_i``. With
+    ``new`` (per user: training never saw them) ``[p_u, 1, 0]`` or ``[p_u, 0, 1]``, for items folded
+    with their new-user biases."""
     vectors = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
-    return np.ascontiguousarray(np.hstack([vectors, np.ones((len(vectors), 1), dtype=np.float32)]))
+    if new is None:
+        return np.ascontiguousarray(np.hstack([vectors, np.ones((len(vectors), 1), dtype=np.float32)]))
+    new = np.asarray(new, dtype=bool).reshape(len(vectors), 1)
+    return np.ascontiguousarray(np.hstack([vectors, (~new).astype(np.float32), new.astype(np.float32)]))
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -122,8 +129,17 @@ class FaissIndex:
         rec = self.rec
         if side == "user":
             vectors = None if rec.item_vectors is None else rec.item_vectors[self.codes]
-            return fold_items(vectors, rec.item_bias[self.codes])
+            new_bias = None if rec.new_user_item_bias is None else rec.new_user_item_bias[self.codes]
+            return fold_items(vectors, rec.item_bias[self.codes], new_bias)
         return unit_rows(rec.item_vectors[self.codes])
+
+    def _width(self, side: str) -> int:
+        """The number of columns of ``side``'s table."""
+        rec = self.rec
+        vectors = 0 if rec.item_vectors is None else rec.item_vectors.shape[1]
+        if side == "item":
+            return vectors
+        return vectors + 1 + (rec.new_user_item_bias is not None)
 
     def _path(self, side: str) -> str:
         run = re.sub(r"[^\w.-]", "_", str(self.rec.run_id))
@@ -138,7 +154,7 @@ class FaissIndex:
         if path and os.path.exists(path):
             try:
                 index = faiss.read_index(path)
-                if index.ntotal != len(self.codes):
+                if index.ntotal != len(self.codes) or index.d != self._width(side):  # another version's
                     index = None
             except RuntimeError:  # unreadable: build it again
                 index = None
@@ -172,10 +188,14 @@ class FaissIndex:
     def _codes(self, found: np.ndarray) -> np.ndarray:
         return np.where(found >= 0, self.codes[np.maximum(found, 0)], -1)
 
-    def user_hits(self, vectors: np.ndarray, n: int) -> np.ndarray:
+    def user_hits(self, vectors: np.ndarray, n: int, new: np.ndarray | None = None) -> np.ndarray:
         if len(vectors) == 0:
             return np.zeros((0, n), dtype=np.int64)
-        return self._codes(search(self.index("user"), fold_users(vectors), n, self.settings))
+        if self.rec.new_user_item_bias is not None:
+            new = np.zeros(len(vectors), dtype=bool) if new is None else new
+        else:
+            new = None  # one bias per item: every user is scored with it
+        return self._codes(search(self.index("user"), fold_users(vectors, new), n, self.settings))
 
     def similar_hits(self, codes: np.ndarray, n: int) -> np.ndarray:
         queries = unit_rows(self.rec.item_vectors[np.asarray(codes)])

@@ -87,9 +87,10 @@ class ItemIndex(Protocol):
     """A search index over the recommendable items (see :mod:`recsys_torch.ann`): it proposes
     candidates, which are then scored exactly, so only recall depends on it."""
 
-    def user_hits(self, vectors: np.ndarray, n: int) -> np.ndarray:
+    def user_hits(self, vectors: np.ndarray, n: int, new: np.ndarray | None = None) -> np.ndarray:
         """``[m, n]`` item codes with (about) the highest ``<vector, q_i> + b_i`` per row of
-        ``vectors``; -1 where it found fewer."""
+        ``vectors`` (``b'_i``, the new-user item bias, for the rows where ``new`` is true); -1 where it
+        found fewer."""
 
     def similar_hits(self, codes: np.ndarray, n: int) -> np.ndarray:
         """``[m, n]`` item codes with (about) the highest cosine to each item of ``codes``; -1 pads."""
@@ -513,7 +514,7 @@ class Recommender:
             return self._top(self.scores_for(vector, bias, new=new), k, exclude, liked, f"user {user}")
         n_exclude = 0 if exclude is None else len(exclude)
         query = np.zeros((1, 0), dtype=np.float32) if vector is None else np.asarray(vector, dtype=np.float32)[None]
-        hits = index.user_hits(query, min(k + n_exclude, int(self.candidates.sum())))[0]
+        hits = index.user_hits(query, min(k + n_exclude, int(self.candidates.sum())), np.array([new]))[0]
         hits = np.unique(hits[hits >= 0])
         return self._top(self.scores_for(vector, bias, hits, new), k, exclude, liked, f"user {user}", pool=hits)
 
@@ -709,7 +710,8 @@ class Recommender:
             rows = np.flatnonzero(fetch == n)
             vectors = (np.zeros((len(rows), 0), dtype=np.float32) if self.user_vectors is None
                        else self.user_vectors[users[rows]].astype(np.float32))
-            hits = np.asarray(index.user_hits(vectors, int(n)), dtype=np.int64)
+            new = ~self.user_trained[users[rows]].astype(bool) if self.new_user_item_bias is not None else None
+            hits = np.asarray(index.user_hits(vectors, int(n), new), dtype=np.int64)
             all_rows.append(np.repeat(rows, hits.shape[1]))
             all_items.append(hits.reshape(-1))
         rows, items = np.concatenate(all_rows), np.concatenate(all_items)

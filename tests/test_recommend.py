@@ -721,6 +721,30 @@ def test_ann_with_an_exact_index_ranks_exactly_as_the_model(faiss_one_thread):
                for u in range(len(rec.user_ids)))
 
 
+def test_ann_proposes_the_candidates_of_users_training_never_saw_under_their_own_item_biases(faiss_one_thread,
+                                                                                              tmp_path):
+    """A run with new-user item biases (the hybrid's new_user_bias): an exact index must rank the
+    users scored as new exactly as the model does, not propose them the items of the plain biases."""
+    from recsys_torch.ann import AnnSettings, FaissIndex
+
+    rec = random_catalog_recommender()
+    gen = np.random.default_rng(3)
+    rec.new_user_item_bias = (rec.item_bias + 3.0 * gen.standard_normal(len(rec.item_bias))).astype(np.float32)
+    rec.user_trained = np.arange(len(rec.user_ids)) % 2 == 0  # odd users are scored as new
+    index = FaissIndex(rec, AnnSettings(kind="flat"), cache=str(tmp_path))
+    for user in rec.user_ids:
+        assert [(r.item, r.score) for r in rec.recommend(user, 5, index=index)] == \
+            [(r.item, r.score) for r in rec.recommend(user, 5)], user
+    assert rows_by_user(rec.recommend_all(5, chunk=7, index=index)) == rows_by_user(rec.recommend_all(5, chunk=7))
+    # the two kinds of user get different items: the new-user biases matter in this catalog
+    new = [rec.recommend(u, 5) for u in rec.user_ids[1::2]]
+    rec.new_user_item_bias = None
+    assert new != [rec.recommend(u, 5) for u in rec.user_ids[1::2]]
+    # an index saved without the new-user column (another version's) is built again, not misread
+    plain = FaissIndex(rec, AnnSettings(kind="flat"), cache=str(tmp_path))
+    assert plain.index("user").d == rec.item_vectors.shape[1] + 1 and plain.build_seconds > 0
+
+
 def test_ann_hnsw_finds_nearly_all_of_the_exact_top_k(faiss_one_thread, tmp_path):
     from recsys_torch.ann import AnnSettings, FaissIndex, benchmark, recall_at_k
 
