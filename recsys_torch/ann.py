@@ -5,10 +5,11 @@ A score is ``mu + b_u + b_i + <p_u, q_i>``; for one user ``mu + b_u`` is a const
 item bias into the vectors, user ``[p_u, 1]`` and item ``[q_i, b_i]``, makes an inner-product search
 rank the items exactly as the model does. A run whose model has new-user item biases ``b'_i`` (the
 hybrid's ``new_user_bias``, for users training never saw) folds both: item ``[q_i, b_i, b'_i]``, a
-trained user ``[p_u, 1, 0]`` and a new one ``[p_u, 0, 1]``, so one index serves both kinds. Similar items use the cosine (unit item vectors). The index
-only proposes candidates: :class:`~recsys_torch.recommend.Recommender` scores them exactly, drops the
-user's rated items (it asks for ``k`` plus their count) and ranks them, so what an approximate index
-changes is recall, never a score.
+trained user ``[p_u, 1, 0]`` and a new one ``[p_u, 0, 1]``, so one index serves both kinds. Similar
+items use the cosine (unit item vectors). The index only proposes candidates:
+:class:`~recsys_torch.recommend.Recommender` scores them exactly, drops the user's rated items (it
+asks for ``k`` plus their count) and ranks them, so what an approximate index changes is recall,
+never a score.
 
 ``kind="hnsw"`` (the default) is ``faiss.IndexHNSWFlat`` with the inner-product metric (``m`` links
 per node, ``ef_construction``, ``ef_search``); ``kind="flat"`` is the exact ``IndexFlatIP``.
