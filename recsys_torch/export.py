@@ -70,6 +70,10 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
     the run can score the user / recommend the item (it was in training, or a feature tower serves
     it); the other rows hold untrained values. Models without vectors (popularity, baseline) write no
     vectors. ``score(u, i) = global_bias + user bias + item bias + <user vector, item vector>``.
+    Users also get ``rated``: the positions (rows of the item table) of the items the run knows they
+    rated, which ``recommend.py`` leaves out of their recommendations (parquet: a list column; npy:
+    ``user_rated_indptr.npy`` and ``user_rated_items.npy``, user u's in ``items[indptr[u]:indptr[u +
+    1]]``); not written for a run that saved no training rows.
     Runs whose model scores users that training never saw with their own item biases (the hybrid's
     ``new_user_bias``) also write the items' ``new_user_bias`` and the users' ``trained``: a user that
     is not ``trained`` (or a new one) is scored with ``new_user_bias`` in place of the item bias."""
@@ -87,6 +91,7 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
                  else np.asarray(rec.new_user_item_bias, dtype=np.float32)},
     }
     dim = 0 if rec.item_vectors is None else int(rec.item_vectors.shape[1])
+    rated = rec.rated_lists()
     written = []
     if fmt == "parquet":
         pa = _pyarrow("format=parquet")
@@ -107,6 +112,13 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
                 else:
                     arrays.append(_numbers(pa, values, pa.float32()))
                 names.append(name)
+            if side == "user" and rated is not None:
+                indptr, items = rated
+                large = indptr[-1] >= 2 ** 31  # list<> offsets are int32
+                offsets = _numbers(pa, indptr if large else indptr.astype(np.int32), pa.int64() if large else pa.int32())
+                lists = pa.LargeListArray if large else pa.ListArray
+                arrays.append(lists.from_arrays(offsets, _numbers(pa, items, pa.int32())))
+                names.append("rated")
             table = pa.Table.from_arrays(arrays, names=names)
             path = os.path.join(out, f"{side}s.parquet")
             atomic_write(path, lambda fh, table=table: pq.write_table(table, fh))
@@ -127,6 +139,10 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
                 path = os.path.join(out, f"{side}_{name}.npy")
                 atomic_write(path, lambda fh, array=array: np.save(fh, array, allow_pickle=False))
                 written.append(path)
+        for name, array in zip(("rated_indptr", "rated_items"), rated or ()):
+            path = os.path.join(out, f"user_{name}.npy")
+            atomic_write(path, lambda fh, array=array: np.save(fh, array, allow_pickle=False))
+            written.append(path)
     meta = {"format": EXPORT_FORMAT, "global_bias": float(rec.global_bias), "dim": dim,
             "n_users": len(rec.user_ids), "n_items": len(rec.item_ids), "model": rec.model_name,
             "run_id": rec.run_id, "files": fmt,

@@ -435,6 +435,18 @@ class Recommender:
         indptr, seen = self._seen
         return np.concatenate([items, seen[indptr[code]:indptr[code + 1]]])
 
+    def rated_lists(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """What :meth:`rated` gives every user of the run, as CSR: ``(indptr [n_users + 1] int64, item
+        codes int32)``; None when the run saved no training rows."""
+        if self._train is None:
+            return None
+        n_users = len(self.user_ids)
+        rows, codes = self._rated_block(np.arange(n_users, dtype=np.int64))
+        order = np.argsort(rows, kind="stable")  # each user's training rows, then their other rated items
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_users), out=indptr[1:])
+        return indptr, codes[order].astype(np.int32)
+
     def _liked(self, items: np.ndarray, ratings: np.ndarray, trained: bool = False) -> np.ndarray:
         """The items a user rated highly. Ranking runs: the positives (a ranking run's training rows
         are all positives, stored with rating 1). Rating runs: the ratings at or above the user's own

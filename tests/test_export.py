@@ -90,13 +90,44 @@ def test_the_readme_snippet_reads_an_export(tmp_path, monkeypatch, fmt, snippet)
     monkeypatch.chdir(tmp_path)
     names: dict = {}
     exec(compile(snippet, "README.md", "exec"), names)
-    want = [r.item for r in rec.recommend("196", 10, exclude_rated=False)]
+    want = [r.item for r in rec.recommend("196", 10)]  # what recommend.py gives: rated items left out
     top10 = names["top10"]
     assert (list(top10["id"]) if fmt == "parquet" else top10.tolist()) == want
     code = rec.user_code("196")
-    np.testing.assert_allclose(names["scores"][rec.candidates],
-                               rec.scores_for(rec.user_vectors[code], float(rec.user_bias[code]))[rec.candidates],
+    open_items = rec.candidates.copy()
+    open_items[rec.rated(code)] = False
+    assert open_items.sum() < rec.candidates.sum()  # the user rated some of the items the run recommends
+    np.testing.assert_allclose(names["scores"][open_items],
+                               rec.scores_for(rec.user_vectors[code], float(rec.user_bias[code]))[open_items],
                                rtol=1e-5)
+    assert np.isneginf(names["scores"][rec.rated(code)]).all()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_export_holds_what_each_user_rated(tmp_path, fmt):
+    """users' rated: every item recommend.py leaves out for them, a ranking run's items below the
+    threshold included; positions in the item table."""
+    import pyarrow.parquet as pq
+
+    rec = readme_recommender()
+    seen_indptr = np.array([0, 0, 2, 2, 2, 3])  # items rated below a threshold: users 1 and 4
+    rec._seen = (seen_indptr, np.array([29, 20, 3]))
+    export_embeddings(rec, str(tmp_path / "out"), fmt)
+    if fmt == "parquet":
+        got = [np.asarray(r) for r in pq.read_table(tmp_path / "out" / "users.parquet").column("rated").to_pylist()]
+    else:
+        indptr = np.load(tmp_path / "out" / "user_rated_indptr.npy")
+        items = np.load(tmp_path / "out" / "user_rated_items.npy")
+        got = [items[indptr[u]:indptr[u + 1]] for u in range(len(rec.user_ids))]
+    assert [sorted(g.tolist()) for g in got] == [sorted(rec.rated(u).tolist()) for u in range(len(rec.user_ids))]
+    assert 29 in got[1] and len(got[4]) == 7
+
+
+def test_export_of_a_run_without_training_rows_has_no_rated(tmp_path):
+    rec = readme_recommender()
+    rec._train = None
+    paths = export_embeddings(rec, str(tmp_path / "out"), "npy")
+    assert not any("rated" in p for p in paths)
 
 
 def test_export_of_a_model_without_vectors(tmp_path):
