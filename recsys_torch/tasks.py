@@ -112,6 +112,22 @@ class RatingTask(Task):
         return metrics.rating_metrics(model, data, train, batch_size)
 
 
+# the model's L2 settings: the Gramian loss has its own (task.reg), so under it these change nothing
+MODEL_L2_KEYS = ("reg", "reg_bias", "reg_exponent", "reg_features", "reg_implicit", "reg_day_bias", "reg_day_scale")
+
+
+def unused_model_settings(loss: str | None, keys) -> str | None:
+    """A warning for the model settings among ``keys`` (names without ``model.``) that a task with
+    ``loss`` ignores, or None: the Gramian loss's L2 is ``task.reg``, not the model's."""
+    unused = [f"model.{k}" for k in keys if k in MODEL_L2_KEYS]
+    if loss != "gramian" or not unused:
+        return None
+    verb = "changes" if len(unused) == 1 else "change"
+    return (f"{', '.join(unused)} {verb} nothing under task.loss=gramian: its L2 is task.reg (times (count + "
+            "gramian_weight x the other side's size) ^ task.reg_frequency); the model's L2 settings apply to the "
+            "other ranking losses and to ratings")
+
+
 class RankingTask(Task):
     """Implicit feedback: positives are ratings at or above ``threshold`` (every interaction when
     ``threshold`` is None); each positive is contrasted with ``n_negatives`` sampled items."""

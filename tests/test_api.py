@@ -59,3 +59,21 @@ def test_fit_takes_the_command_lines_defaults_and_refuses_unknown_names(tmp_path
     with pytest.raises(ConfigError, match=r"unknown trainer setting 'overwrite'; the settings are: epochs, "):
         rt.fit(data, model="mf", out=str(tmp_path / "z"), overwrite=True)
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before any run folder
+
+
+def test_fit_warns_about_model_l2_settings_the_gramian_loss_ignores(tmp_path, caplog):
+    """task=ranking trains the Gramian loss, whose L2 is task.reg: a model_args reg would change nothing."""
+    import recsys_torch as rt
+
+    tiny_ratings(tmp_path)
+    data = rt.load(str(tmp_path / "ratings.csv"), columns={"user": "userId", "item": "movieId"})
+    with caplog.at_level("WARNING", logger="recsys_torch"):
+        rt.fit(data, model="mf", task="ranking", split="user", out=str(tmp_path / "run"), epochs=1, progress=False,
+               tensorboard=False, model_args={"reg": 0.5, "embedding_dim": 8})
+    assert [r.getMessage().split(" changes")[0] for r in caplog.records if "task.loss=gramian" in r.getMessage()] == \
+        ["model.reg"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recsys_torch"):  # a loss that uses the model's L2: nothing to say
+        rt.fit(data, model="mf", task="ranking", split="user", out=str(tmp_path / "bpr"), epochs=1, progress=False,
+               tensorboard=False, model_args={"reg": 0.5}, task_args={"loss": "bpr"})
+    assert not [r for r in caplog.records if "task.loss=gramian" in r.getMessage()]

@@ -220,6 +220,16 @@ def test_script_says_which_preset_it_picked(tmp_path):
     assert "preset hybrid_ranking: configs/preset/hybrid_ranking.yaml" in (tmp_path / "train.log").read_text()
 
 
+def test_script_warns_when_a_typed_model_l2_setting_changes_nothing(tmp_path):
+    tiny = [f"data.{key}={value}" for key, value in TINY.items()]
+    proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", "model.reg=0.3", "model.embedding_dim=8",
+                      f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in (tmp_path / "train.log").read_text().splitlines() if "task.loss=gramian" in line)
+    assert "WARNING" in line and "model.reg changes nothing under task.loss=gramian: its L2 is task.reg" in line
+    assert "embedding_dim" not in line
+
+
 def test_script_reports_a_user_error_in_one_line(tmp_path):
     proc = run_script("data=csv", "data.ratings=/nonexistent.csv", *TINY_RUN, f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
