@@ -440,6 +440,9 @@ class Recommender:
         codes int32)``; None when the run saved no training rows."""
         if self._train is None:
             return None
+        indptr, items, _ = self._train
+        if self._seen is None:  # the training rows are already grouped by user
+            return np.asarray(indptr, dtype=np.int64).copy(), np.asarray(items, dtype=np.int32)
         n_users = len(self.user_ids)
         rows, codes = self._rated_block(np.arange(n_users, dtype=np.int64))
         order = np.argsort(rows, kind="stable")  # each user's training rows, then their other rated items
