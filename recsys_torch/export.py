@@ -115,7 +115,8 @@ def export_embeddings(rec: Recommender, out: str, fmt: str = "parquet") -> list[
             if side == "user" and rated is not None:
                 indptr, items = rated
                 large = indptr[-1] >= 2 ** 31  # list<> offsets are int32
-                offsets = _numbers(pa, indptr if large else indptr.astype(np.int32), pa.int64() if large else pa.int32())
+                offsets = (_numbers(pa, indptr, pa.int64()) if large
+                           else _numbers(pa, indptr.astype(np.int32), pa.int32()))
                 lists = pa.LargeListArray if large else pa.ListArray
                 arrays.append(lists.from_arrays(offsets, _numbers(pa, items, pa.int32())))
                 names.append("rated")

@@ -8,7 +8,8 @@ score(u, i) = meta.json's global_bias + user bias + item bias + <user vector, it
 tables: users (id, known, bias, vector, rated), items (id, title, known, bias, vector), the vector a
 fixed-size list of float32. ``known``: the run can score that user / recommend that item; ``rated``:
 the rows of the item table that recommend.py leaves out for that user (npy: user_rated_indptr.npy
-and user_rated_items.npy). Reads the run's recommend.npz (no torch needed). Errors print one line on stderr and exit with status 2.
+and user_rated_items.npy). Reads the run's recommend.npz (no torch needed). Errors print one line on
+stderr and exit with status 2.
 """
 
 import os
