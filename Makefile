@@ -34,7 +34,7 @@ $(VENV)/.torch: | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[test,sweep,parquet]"
+	$(BIN)/python -m pip install -q -e ".[test,sweep,parquet,ann]"
 	@touch $@
 
 install: $(VENV)/.installed
