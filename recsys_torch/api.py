@@ -16,7 +16,6 @@ same run folder, which ``scripts/recommend.py run_dir=...`` and ``scripts/report
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from recsys_torch.data.raw import RawDataset
 from recsys_torch.errors import ConfigError
 from recsys_torch.experiment import Experiment, run
 from recsys_torch.runfolder import RunFolder
-from recsys_torch.tasks import unused_model_settings
+from recsys_torch.tasks import warn_unused_model_settings
 
 MODELS = ("popularity", "baseline", "mf", "content", "hybrid")
 SPLITS = ("random", "kfold", "user", "temporal", "leave_last", "cold_item", "cold_user")
@@ -147,9 +146,7 @@ def fit(data, model: str = "mf", split: str = "random", task: str = "rating", ou
     task_settings.update(task_args or {})
     trainer_settings = {**trainer_settings, **model_trainer, **trainer_args}
     the_task = _target(task_target)(**task_settings)
-    unused = unused_model_settings(getattr(the_task, "loss_name", None), model_args or {})
-    if unused:
-        logging.getLogger("recsys_torch").warning(unused)
+    warn_unused_model_settings(getattr(the_task, "loss_name", None), model_args or {})
     inter = the_task.prepare_data(dataset.interactions)
     experiment = Experiment(dataset, the_task, inter, _target(split_target)(inter, seed=seed, **split_settings), seed)
     model_class = _target(model_target)

@@ -4,6 +4,7 @@ full-ranking metrics at K)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -116,16 +117,17 @@ class RatingTask(Task):
 MODEL_L2_KEYS = ("reg", "reg_bias", "reg_exponent", "reg_features", "reg_implicit", "reg_day_bias", "reg_day_scale")
 
 
-def unused_model_settings(loss: str | None, keys) -> str | None:
-    """A warning for the model settings among ``keys`` (names without ``model.``) that a task with
-    ``loss`` ignores, or None: the Gramian loss's L2 is ``task.reg``, not the model's."""
+def warn_unused_model_settings(loss: str | None, keys) -> None:
+    """Log a WARNING naming the model settings among ``keys`` (the ones a user set, without
+    ``model.``) that a task with ``loss`` ignores: the Gramian loss's L2 is ``task.reg``, not the model's."""
     unused = [f"model.{k}" for k in keys if k in MODEL_L2_KEYS]
     if loss != "gramian" or not unused:
-        return None
+        return
     verb = "changes" if len(unused) == 1 else "change"
-    return (f"{', '.join(unused)} {verb} nothing under task.loss=gramian: its L2 is task.reg (times (count + "
-            "gramian_weight x the other side's size) ^ task.reg_frequency); the model's L2 settings apply to the "
-            "other ranking losses and to ratings")
+    logging.getLogger("recsys_torch").warning(
+        f"{', '.join(unused)} {verb} nothing under task.loss=gramian: its L2 is task.reg (times (count + "
+        "gramian_weight x the other side's size) ^ task.reg_frequency); the model's L2 settings apply to the "
+        "other ranking losses and to ratings")
 
 
 class RankingTask(Task):

@@ -24,7 +24,7 @@ from recsys_torch.errors import ConfigError, TrainingInterrupted
 from recsys_torch.experiment import Experiment, run
 from recsys_torch.loggers import NullLogger
 from recsys_torch.runfolder import RunFolder
-from recsys_torch.tasks import Task, unused_model_settings
+from recsys_torch.tasks import Task, warn_unused_model_settings
 
 log = logging.getLogger("recsys_torch")
 
@@ -163,9 +163,7 @@ def main(cfg: DictConfig) -> float | None:
         log.info("preset %s: configs/preset/%s.yaml sets this model's settings for this task (any of them can be "
                  "overridden on the command line)", preset, preset)
     typed = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-    unused = unused_model_settings(cfg.task.get("loss"), [k[len("model."):] for k in typed if k.startswith("model.")])
-    if unused:
-        log.warning(unused)
+    warn_unused_model_settings(cfg.task.get("loss"), [k[len("model."):] for k in typed if k.startswith("model.")])
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return _trial(cfg, output_dir)
     with cli.errors():
