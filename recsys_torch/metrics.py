@@ -96,37 +96,73 @@ def _csr(data: Interactions, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
     return indptr, data.items.cpu()[order]
 
 
-def _dense_rows(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
-    """A boolean ``[len(users), n_items]`` matrix of each user's items."""
+def _entries(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSR entries of ``users``: (position in ``users``, item code) per entry."""
     starts, ends = indptr[users], indptr[users + 1]
     lengths = ends - starts
     row = torch.repeat_interleave(torch.arange(len(users)), lengths)
     offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    cols = indices[torch.repeat_interleave(starts, lengths) + offset]
+    return row, indices[torch.repeat_interleave(starts, lengths) + offset]
+
+
+def _dense_rows(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
+    """A boolean ``[len(users), n_items]`` matrix of each user's items."""
     mat = torch.zeros(len(users), n_items, dtype=torch.bool)
-    mat[row, cols] = True
+    mat[_entries(indptr, indices, users)] = True
     return mat
 
 
+def _tie_broken(scores: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Scores in float64 less ``item code x 1e-9 / n_items``: ties go to the lower item code, below
+    float32 resolution of real score differences."""
+    return scores.double() - items.double() * (1e-9 / max(n_items, 1))
+
+
 @torch.no_grad()
-def top_k(model: FactorizationModel, users: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+def top_k(model: FactorizationModel, users: torch.Tensor, k: int,
+          exclude: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
           candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best items for each user (codes and scores, on the CPU), best first.
 
-    ``exclude``: boolean ``[len(users), n_items]`` of items not to recommend (e.g. already rated);
-    ``candidates``: boolean ``[n_items]`` of items allowed at all. Ties go to the lower item code.
+    ``exclude``: items not to recommend (e.g. already rated), as a boolean ``[len(users), n_items]``
+    or as ``(rows, items)`` index pairs; ``candidates``: boolean ``[n_items]`` of items allowed at
+    all. Ties go to the lower item code: the order of the scores in float64 less ``code x 1e-9 /
+    n_items``. That order is found on the scores' own precision: a row's top ``k + 1`` there, and the
+    exact tie-broken order of its top ``k`` whenever its ``k + 1``-th score lies more than the largest
+    tie-break below its ``k``-th (every other row, one with near-ties at the cut, is ranked in float64
+    whole), so the result is that of ranking every row in float64 at a fraction of the cost.
     """
     device = _device(model)
-    scores = model.score_all(users.to(device)).double().cpu()
+    scores = model.score_all(users.to(device)).cpu()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    else:
+        scores = scores.clone()  # masked in place below; a model may hand out a stored tensor
     n_items = scores.shape[1]
-    # deterministic tie-break by item code, below float32 resolution of real score differences
-    scores -= torch.arange(n_items, dtype=torch.float64) * (1e-9 / max(n_items, 1))
-    if candidates is not None:
-        scores[:, ~candidates.cpu()] = -math.inf
-    if exclude is not None:
+    if candidates is not None and not bool(candidates.all()):
+        scores[:, torch.nonzero(~candidates.cpu()).squeeze(1)] = -math.inf
+    if isinstance(exclude, tuple):
         scores[exclude] = -math.inf
+    elif exclude is not None:
+        scores.masked_fill_(exclude, -math.inf)
     k = min(k, n_items)
-    values, idx = torch.topk(scores, k, dim=1, sorted=True)
+    if k == 0:
+        return torch.zeros(len(scores), 0, dtype=torch.long), torch.zeros(len(scores), 0)
+    if k == n_items:
+        values, idx = torch.topk(_tie_broken(scores, torch.arange(n_items), n_items), k, dim=1, sorted=True)
+        return idx, values.float()
+    best, idx = torch.topk(scores, k + 1, dim=1, sorted=True)
+    best = best.double()
+    # the tie-break moves no score by 1e-9 or more: a row whose (k+1)-th score lies farther below its
+    # k-th has the same top k set in float64, only possibly reordered among near-ties
+    clear = (best[:, k] < best[:, k - 1] - 1e-9) & ~torch.isnan(best).any(1)
+    broken = _tie_broken(best[:, :k], idx[:, :k], n_items)
+    values, order = torch.sort(broken, dim=1, descending=True, stable=True)
+    idx = torch.gather(idx[:, :k], 1, order)
+    rest = torch.nonzero(~clear).squeeze(1)
+    if len(rest):  # near-ties at the cut (or fewer than k + 1 unmasked items): every item in float64
+        whole, whole_idx = torch.topk(_tie_broken(scores[rest], torch.arange(n_items), n_items), k, dim=1, sorted=True)
+        values[rest], idx[rest] = whole, whole_idx
     return idx, values.float()
 
 
@@ -172,23 +208,24 @@ def ranking_metrics(
     if candidates is None:
         candidates = train.known_items().cpu()
     popularity = train.item_counts().cpu().double()
-    test_ptr, test_idx = _csr(data, n_users)
+    # each user's distinct test items, as sorted (user, item) keys
+    keys = torch.unique(data.users.cpu() * n_items + data.items.cpu())
+    n_true_all = torch.bincount(keys // n_items, minlength=n_users).double()
     ex_ptrs = [_csr(part, n_users) for part in exclude]
-    eval_users = torch.nonzero(test_ptr[1:] > test_ptr[:-1]).squeeze(1)
+    eval_users = torch.nonzero(n_true_all).squeeze(1)
     k_max = max(ks)
     tops, reals, hits, n_true = [], [], [], []
     for users in eval_users.split(batch_size):
-        excl = None
-        for ptr, idx in ex_ptrs:
-            rows = _dense_rows(ptr, idx, users, n_items)
-            excl = rows if excl is None else excl | rows
-        truth = _dense_rows(test_ptr, test_idx, users, n_items)
+        pairs = [_entries(ptr, idx, users) for ptr, idx in ex_ptrs]
+        excl = (torch.cat([r for r, _ in pairs]), torch.cat([i for _, i in pairs])) if pairs else None
         top, values = top_k(model, users, k_max, excl, candidates)
         real = torch.isfinite(values)  # a masked item is never a recommendation
+        wanted = users.unsqueeze(1) * n_items + top
+        at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
         tops.append(top)
         reals.append(real)
-        hits.append(torch.gather(truth, 1, top) & real)
-        n_true.append(truth.sum(1).double())
+        hits.append((keys[at] == wanted) & real)
+        n_true.append(n_true_all[users])
     model.train(was_training)
     if len(eval_users) == 0:
         return {**{f"{m}@{k}": math.nan for k in ks for m in RANKING_METRICS}, "n_users": 0.0}

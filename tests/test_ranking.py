@@ -23,8 +23,8 @@ from recsys_torch.trainer import Trainer
 class FixedScores(FactorizationModel):
     """A model whose scores are a given ``[n_users, n_items]`` matrix."""
 
-    def __init__(self, scores) -> None:
-        scores = torch.as_tensor(scores, dtype=torch.float32)
+    def __init__(self, scores, dtype=torch.float32) -> None:
+        scores = torch.as_tensor(scores, dtype=dtype)
         super().__init__(*scores.shape)
         self.register_buffer("scores", scores)
 
@@ -105,6 +105,36 @@ def test_ties_go_to_the_lower_item_code():
     # and whatever the rows' order in the batch
     idx, _ = top_k(model, torch.tensor([1, 0]), 4)
     assert idx.tolist() == [[0, 1, 2, 3], [1, 2, 3, 5]]
+
+
+def _float64_ranking(scores, k, exclude, candidates):
+    """What top_k promises: every row ranked in float64, ties to the lower item code."""
+    n_items = scores.shape[1]
+    s = scores.double() - torch.arange(n_items, dtype=torch.float64) * (1e-9 / n_items)
+    s[exclude] = -math.inf
+    s[:, ~candidates] = -math.inf
+    return torch.topk(s, k, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_is_the_float64_ranking_of_every_row_near_ties_included(dtype):
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 40, 30
+    scores = torch.randn(n_users, n_items, generator=g, dtype=torch.float64)
+    scores[:10] = torch.randint(0, 3, (10, n_items), generator=g).double()  # exact ties at the cut
+    scores[10:20] = 0.5 + torch.randn(10, n_items, generator=g, dtype=torch.float64) * 1e-11  # below the tie-break
+    exclude = torch.rand(n_users, n_items, generator=g) < 0.3
+    exclude[20, 3:] = True  # fewer items left than k
+    candidates = torch.rand(n_items, generator=g) < 0.9
+    model = FixedScores(scores, dtype)
+    users = torch.randperm(n_users, generator=g)
+    for k in (1, 5, 10, n_items):
+        want_values, want = _float64_ranking(model.scores[users], k, exclude[users], candidates)
+        real = torch.isfinite(want_values)
+        for mask in (exclude[users], exclude[users].nonzero(as_tuple=True)):  # dense, or (row, item) pairs
+            idx, values = top_k(model, users, k, mask, candidates)
+            assert torch.equal(values, want_values.float())
+            assert torch.equal(idx[real], want[real])
 
 
 @pytest.fixture(scope="module")
