@@ -36,8 +36,9 @@ class _NoOptimizer:
         pass
 
 
-def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) -> torch.Tensor:
-    """``steps`` conjugate-gradient steps on ``apply(x) = rhs`` for every row at once, from ``x``."""
+def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` conjugate-gradient steps on ``apply(x) = rhs`` for every row at once, from ``x``; returns
+    the solution and its residual ``rhs - apply(x)`` as the recurrence tracks it."""
     r = rhs - apply(x)
     p = r.clone()
     rs = (r * r).sum(1)
@@ -49,13 +50,18 @@ def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) ->
         rs_new = (r * r).sum(1)
         p = r + (rs_new / rs.clamp_min(1e-30))[:, None] * p
         rs = rs_new
-    return x
+    return x, r
 
 
-def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS) -> torch.Tensor:
+def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``x`` that minimize the Gramian loss with ``other`` fixed; ``pattern`` is the CSR of
     the rows' positives (values: their weights) over the rows of ``other``, ``reg`` the L2 per row;
-    ``known`` (0/1 per row of ``other``): the rows the all-pairs term covers (those seen in training)."""
+    ``known`` (0/1 per row of ``other``): the rows the all-pairs term covers (those seen in training).
+
+    Also returns each row's loss at the solution, ``confidence * sum_i w_i (1 - s_i)^2 + gramian_weight
+    x^T G x + reg |x|^2``, without another product: with ``A x = rhs - r`` (``r`` the residual), it is
+    ``confidence * sum_i w_i - x . rhs - x . r`` (in float64)."""
     masked = other if known is None else other * known[:, None]
     gram = masked.T @ masked
     rhs = confidence * (pattern @ other)
@@ -66,7 +72,10 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
         scores = csr(crow, col, csr_dots(v, other, crow, col) * weighted, pattern.shape)
         return gramian_weight * (v @ gram) + reg[:, None] * v + scores @ other
 
-    return conjugate_gradient(x, rhs, apply, steps)
+    x, residual = conjugate_gradient(x, rhs, apply, steps)
+    weight_sums = torch.cat([weighted.new_zeros(1, dtype=torch.float64), torch.cumsum(weighted.double(), 0)])
+    loss = (weight_sums[crow[1:]] - weight_sums[crow[:-1]]) - (x.double() * (rhs + residual).double()).sum(1)
+    return x, loss
 
 
 class ALSStep:
@@ -91,17 +100,22 @@ class ALSStep:
 
     @torch.no_grad()
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
-        """Solve these users against the current items; their loss afterwards."""
+        """Solve these users against the current items; their loss afterwards (the task's Gramian loss
+        of the batch, from the solve's own by-products)."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
         _, items, weight, crow = task._positives_of(users)
         batch = csr(crow, items, weight, (len(users), self.model.n_items))
-        p_table[users] = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
-                                    self.user_reg.index_select(0, users), self.model.known_items.float())
-        return task.loss(self.model, users).detach().float()
+        known = self.model.known_items.float()
+        p_table[users], loss = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
+                                          self.user_reg.index_select(0, users), known)
+        # the item L2 counts once per epoch: this batch's share of it, as the task's loss has it
+        share = len(users) / task.n_active_users
+        item_l2 = task.reg * (task.item_reg_weight.double() * (q_table * known[:, None]).double().pow(2).sum(1)).sum()
+        return ((loss.sum() + share * item_l2) / (share * task.nnz)).float()
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """Every user was solved this epoch: now every item, against them."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
         q_table.copy_(solve_rows(q_table, self.by_item, p_table, task.confidence, task.gramian_weight, self.item_reg,
-                                 self.model.known_users.float()))
+                                 self.model.known_users.float())[0])

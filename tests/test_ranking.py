@@ -379,6 +379,29 @@ def test_the_gramian_loss_equals_the_brute_force_loss_over_every_pair():
     assert torch.allclose(sum(sh * task.loss(model, h) for sh, h in zip(shares, halves)).double(), want, rtol=1e-5)
 
 
+def test_an_als_step_reports_the_gramian_loss_of_its_solved_batch():
+    """ALS reads its batch's loss off the solve (no second pass over the positives): the task's own
+    Gramian loss of the batch after the solve, weights, confidence and an unseen item included."""
+    from recsys_torch.als import ALSStep
+
+    inter = _random_positives(seed=3)
+    inter = inter.__class__(**{**inter.__dict__, "weights": 0.5 + torch.rand(len(inter), generator=torch.Generator().manual_seed(1))})
+    torch.manual_seed(0)
+    model = MFModel(7, 11, embedding_dim=8)  # more dimensions than CG steps: the solve is not exact
+    model.prepare(inter)
+    task = _setup(RankingTask(threshold=None, loss="gramian", confidence=2.5, gramian_weight=0.4, reg=0.05,
+                              reg_frequency=1.0), inter)
+    step = ALSStep(model, task, batch_size=3)
+    users = task.training_rows(inter)[0]
+    for batch in (users[:3], users[3:]):
+        reported = step(batch)
+        assert torch.allclose(reported.double(), task.loss(model, batch).double(), rtol=1e-5)
+    step.end_epoch()
+    first = float(task.loss(model, users).detach())
+    step(users), step.end_epoch()
+    assert float(task.loss(model, users).detach()) < first  # and the sweeps go downhill
+
+
 @pytest.mark.parametrize("loss", ["user_softmax", "gramian"])
 def test_user_batched_losses_learn_to_rank(implicit_split, loss):
     train, test = implicit_split[1].train, implicit_split[1].test
