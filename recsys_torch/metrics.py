@@ -118,6 +118,12 @@ def _tie_broken(scores: torch.Tensor, items: torch.Tensor, n_items: int) -> torc
     return scores.double() - items.double() * (1e-9 / max(n_items, 1))
 
 
+def _shares_storage(t: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Whether ``t`` lies in the memory of one of the model's parameters or buffers."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(x.untyped_storage().data_ptr() == ptr for x in (*model.parameters(), *model.buffers()))
+
+
 @torch.no_grad()
 def top_k(model: FactorizationModel, users: torch.Tensor, k: int,
           exclude: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -136,8 +142,8 @@ def top_k(model: FactorizationModel, users: torch.Tensor, k: int,
     scores = model.score_all(users.to(device)).cpu()
     if scores.dtype not in (torch.float32, torch.float64):
         scores = scores.float()
-    else:
-        scores = scores.clone()  # masked in place below; a model may hand out a stored tensor
+    elif _shares_storage(scores, model):  # masked in place below: never a model's own tensor
+        scores = scores.clone()
     n_items = scores.shape[1]
     if candidates is not None and not bool(candidates.all()):
         scores[:, torch.nonzero(~candidates.cpu()).squeeze(1)] = -math.inf

@@ -28,6 +28,24 @@ def prepared(name, inter, seed=0):
     return model
 
 
+@pytest.mark.parametrize("biases", [False, True])
+def test_full_ranking_scores_are_the_same_sums_whether_or_not_the_biases_are_zero(tiny_inter, biases):
+    """A Gramian-loss run holds the biases at zero: full ranking then skips the users x items matrix of
+    them, and must give the very same floats (evaluation breaks ties below float32 resolution)."""
+    torch.manual_seed(0)
+    model = MFModel(tiny_inter.n_users, tiny_inter.n_items, embedding_dim=4)
+    model.prepare(tiny_inter)
+    with torch.no_grad():
+        model.global_bias.fill_(1.0)
+        if biases:
+            model.user_bias.weight.normal_()
+            model.item_bias.weight.normal_()
+    users = torch.arange(tiny_inter.n_users)
+    u, items = model.user_side(users), model.item_table()
+    spelled_out = (model.global_bias + u.bias).unsqueeze(1) + items.bias.unsqueeze(0) + u.vector @ items.vector.T
+    assert torch.equal(model.score_all(users), spelled_out)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("batch", [7, 1])
 def test_output_shapes(tiny_inter, name, batch):

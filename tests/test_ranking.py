@@ -137,6 +137,17 @@ def test_top_k_is_the_float64_ranking_of_every_row_near_ties_included(dtype):
             assert torch.equal(idx[real], want[real])
 
 
+def test_top_k_never_writes_into_a_models_own_scores():
+    class Stored(FixedScores):
+        def score_all(self, users, items=None):
+            return self.scores  # hands out its own buffer
+
+    model = Stored([[3.0, 2.0, 1.0]])
+    idx, _ = top_k(model, torch.tensor([0]), 2, exclude=torch.tensor([[True, False, False]]),
+                   candidates=torch.tensor([True, True, False]))
+    assert int(idx[0, 0]) == 1 and model.scores.tolist() == [[3.0, 2.0, 1.0]]
+
+
 @pytest.fixture(scope="module")
 def implicit_split(tiny_raw):
     task = RankingTask(threshold=4.0)

@@ -115,10 +115,13 @@ class FactorizationModel(nn.Module):
         """Scores of ``users`` against every item: ``[len(users), n_items]``."""
         items = self.item_table() if items is None else items
         u = self.user_side(users)
-        scores = (self.global_bias + u.bias).unsqueeze(1) + items.bias.unsqueeze(0)
-        if u.vector is not None and items.vector is not None:
-            scores = scores + u.vector @ items.vector.T
-        return scores
+        if u.vector is None or items.vector is None:
+            return (self.global_bias + u.bias).unsqueeze(1) + items.bias.unsqueeze(0)
+        products = u.vector @ items.vector.T
+        if products.dtype == self.global_bias.dtype and not (bool(u.bias.any()) or bool(items.bias.any())):
+            # biases held at zero (a Gramian-loss run): the same sums, without a users x items matrix of them
+            return products.add_(self.global_bias)
+        return (self.global_bias + u.bias).unsqueeze(1) + items.bias.unsqueeze(0) + products
 
     # ---- what serving needs (recsys_torch.recommend calls these, and nothing else) ---------------
     wants_features = False  # built to use item / user features (content, hybrid)
