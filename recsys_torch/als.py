@@ -53,7 +53,13 @@ def conjugate_gradient(x: torch.Tensor, rhs: torch.Tensor, apply, steps: int) ->
     return x, r
 
 
-def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS
+def gramian(other: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """``G = Q^T Q`` over the rows of ``other`` that ``known`` (0/1 per row) marks, or all of them."""
+    masked = other if known is None else other * known[:, None]
+    return masked.T @ masked
+
+
+def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS, gram=None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``x`` that minimize the Gramian loss with ``other`` fixed; ``pattern`` is the CSR of
     the rows' positives (values: their weights) over the rows of ``other``, ``reg`` the L2 per row;
@@ -61,9 +67,9 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
 
     Also returns each row's loss at the solution, ``confidence * sum_i w_i (1 - s_i)^2 + gramian_weight
     x^T G x + reg |x|^2``, without another product: with ``A x = rhs - r`` (``r`` the residual), it is
-    ``confidence * sum_i w_i - x . rhs - x . r`` (in float64)."""
-    masked = other if known is None else other * known[:, None]
-    gram = masked.T @ masked
+    ``confidence * sum_i w_i - x . rhs - x . r`` (in float64). ``gram``: :func:`gramian` of ``other``
+    and ``known`` when the caller holds it already."""
+    gram = gramian(other, known) if gram is None else gram
     rhs = confidence * (pattern @ other)
     crow, col = pattern.crow_indices(), pattern.col_indices()
     weighted = pattern.values() * confidence
@@ -97,6 +103,18 @@ class ALSStep:
         # every positive, item-major, for the item solve
         crow, users, order = transposed(task.pos_indptr, task.pos_items, n_items)
         self.by_item = csr(crow, users, task.pos_weight[order], (n_items, n_users))
+        self._items = None  # the item side's Gramian and L2, fixed while an epoch's users are solved
+
+    def _item_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(known, G, L2)`` of the current item vectors, computed once for all the user steps between
+        two item solves (any in-place change of the vectors or of ``known_items`` recomputes them)."""
+        q, known = self.model.item_factors.weight, self.model.known_items
+        key = (q.data_ptr(), q._version, known.data_ptr(), known._version)
+        if self._items is None or self._items[0] != key:
+            mask = known.float()
+            l2 = self.task.reg * (self.task.item_reg_weight.double() * (q * mask[:, None]).double().pow(2).sum(1)).sum()
+            self._items = (key, mask, gramian(q, mask), l2)
+        return self._items[1:]
 
     @torch.no_grad()
     def __call__(self, users: torch.Tensor) -> torch.Tensor:
@@ -105,12 +123,11 @@ class ALSStep:
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
         _, items, weight, crow = task._positives_of(users)
         batch = csr(crow, items, weight, (len(users), self.model.n_items))
-        known = self.model.known_items.float()
+        known, gram, item_l2 = self._item_terms()
         p_table[users], loss = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
-                                          self.user_reg.index_select(0, users), known)
+                                          self.user_reg.index_select(0, users), known, gram=gram)
         # the item L2 counts once per epoch: this batch's share of it, as the task's loss has it
         share = len(users) / task.n_active_users
-        item_l2 = task.reg * (task.item_reg_weight.double() * (q_table * known[:, None]).double().pow(2).sum(1)).sum()
         return ((loss.sum() + share * item_l2) / (share * task.nnz)).float()
 
     @torch.no_grad()

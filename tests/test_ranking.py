@@ -409,7 +409,9 @@ def test_an_als_step_reports_the_gramian_loss_of_its_solved_batch():
         assert torch.allclose(reported.double(), task.loss(model, batch).double(), rtol=1e-5)
     step.end_epoch()
     first = float(task.loss(model, users).detach())
-    step(users), step.end_epoch()
+    # the items changed: the next batch is solved against them, not against what the last batch saw
+    assert torch.allclose(step(users).double(), task.loss(model, users).double(), rtol=1e-5)
+    step.end_epoch()
     assert float(task.loss(model, users).detach()) < first  # and the sweeps go downhill
 
 
