@@ -96,20 +96,13 @@ def _csr(data: Interactions, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
     return indptr, data.items.cpu()[order]
 
 
-def _entries(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def user_entries(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The CSR entries of ``users``: (position in ``users``, item code) per entry."""
     starts, ends = indptr[users], indptr[users + 1]
     lengths = ends - starts
     row = torch.repeat_interleave(torch.arange(len(users)), lengths)
     offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
     return row, indices[torch.repeat_interleave(starts, lengths) + offset]
-
-
-def _dense_rows(indptr: torch.Tensor, indices: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
-    """A boolean ``[len(users), n_items]`` matrix of each user's items."""
-    mat = torch.zeros(len(users), n_items, dtype=torch.bool)
-    mat[_entries(indptr, indices, users)] = True
-    return mat
 
 
 def _tie_broken(scores: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -222,7 +215,7 @@ def ranking_metrics(
     k_max = max(ks)
     tops, reals, hits, n_true = [], [], [], []
     for users in eval_users.split(batch_size):
-        pairs = [_entries(ptr, idx, users) for ptr, idx in ex_ptrs]
+        pairs = [user_entries(ptr, idx, users) for ptr, idx in ex_ptrs]
         excl = (torch.cat([r for r, _ in pairs]), torch.cat([i for _, i in pairs])) if pairs else None
         top, values = top_k(model, users, k_max, excl, candidates)
         real = torch.isfinite(values)  # a masked item is never a recommendation

@@ -396,7 +396,8 @@ def test_an_als_step_reports_the_gramian_loss_of_its_solved_batch():
     from recsys_torch.als import ALSStep
 
     inter = _random_positives(seed=3)
-    inter = inter.__class__(**{**inter.__dict__, "weights": 0.5 + torch.rand(len(inter), generator=torch.Generator().manual_seed(1))})
+    weights = 0.5 + torch.rand(len(inter), generator=torch.Generator().manual_seed(1))
+    inter = inter.__class__(**{**inter.__dict__, "weights": weights})
     torch.manual_seed(0)
     model = MFModel(7, 11, embedding_dim=8)  # more dimensions than CG steps: the solve is not exact
     model.prepare(inter)

@@ -902,7 +902,7 @@ def top_recommendations(rebuilt: Rebuilt, k: int, cells: int = 1 << 24):
     validation items unless the model was refit on them) masked. Returns ``(items [n, k], real [n, k])``."""
     import torch
 
-    from recsys_torch.metrics import top_k
+    from recsys_torch.metrics import top_k, user_entries
 
     model, trained_on = rebuilt.model, rebuilt.trained_on
     candidates = trained_on.known_items().cpu()
@@ -913,13 +913,7 @@ def top_recommendations(rebuilt: Rebuilt, k: int, cells: int = 1 << 24):
     users = torch.unique(rebuilt.test.users.cpu())
     tops, reals = [], []
     for chunk in users.split(max(1, cells // max(trained_on.n_items, 1))):
-        starts, ends = indptr[chunk], indptr[chunk + 1]
-        lengths = ends - starts
-        rows = torch.repeat_interleave(torch.arange(len(chunk)), lengths)
-        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        exclude = torch.zeros(len(chunk), trained_on.n_items, dtype=torch.bool)
-        exclude[rows, items[torch.repeat_interleave(starts, lengths) + offsets]] = True
-        top, values = top_k(model, chunk, k, exclude, candidates)
+        top, values = top_k(model, chunk, k, user_entries(indptr, items, chunk), candidates)
         tops.append(top)
         reals.append(torch.isfinite(values))
     if not tops:
