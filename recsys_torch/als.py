@@ -59,8 +59,8 @@ def gramian(other: torch.Tensor, known: torch.Tensor | None = None) -> torch.Ten
     return masked.T @ masked
 
 
-def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS, gram=None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS, gram=None,
+               kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``x`` that minimize the Gramian loss with ``other`` fixed; ``pattern`` is the CSR of
     the rows' positives (values: their weights) over the rows of ``other``, ``reg`` the L2 per row;
     ``known`` (0/1 per row of ``other``): the rows the all-pairs term covers (those seen in training).
@@ -68,15 +68,25 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
     Also returns each row's loss at the solution, ``confidence * sum_i w_i (1 - s_i)^2 + gramian_weight
     x^T G x + reg |x|^2``, without another product: with ``A x = rhs - r`` (``r`` the residual), it is
     ``confidence * sum_i w_i - x . rhs - x . r`` (in float64). ``gram``: :func:`gramian` of ``other``
-    and ``known`` when the caller holds it already."""
+    and ``known`` when the caller holds it already; ``kernel``: the compiled module
+    (:func:`recsys_torch.fused.load_extension`), whose ``gram_apply`` does the positives' product in one
+    pass over them (float32 on the CPU; the sparse-tensor path otherwise)."""
     gram = gramian(other, known) if gram is None else gram
     rhs = confidence * (pattern @ other)
     crow, col = pattern.crow_indices(), pattern.col_indices()
     weighted = pattern.values() * confidence
 
+    if kernel is not None and other.device.type == "cpu" and other.dtype == torch.float32:
+        crow, col, weighted, other = crow.contiguous(), col.contiguous(), weighted.contiguous(), other.contiguous()
+
+        def positives(v):
+            return kernel.gram_apply(crow, col, weighted, v.contiguous(), other)
+    else:
+        def positives(v):
+            return csr(crow, col, csr_dots(v, other, crow, col) * weighted, pattern.shape) @ other
+
     def apply(v):
-        scores = csr(crow, col, csr_dots(v, other, crow, col) * weighted, pattern.shape)
-        return gramian_weight * (v @ gram) + reg[:, None] * v + scores @ other
+        return gramian_weight * (v @ gram) + reg[:, None] * v + positives(v)
 
     x, residual = conjugate_gradient(x, rhs, apply, steps)
     weight_sums = torch.cat([weighted.new_zeros(1, dtype=torch.float64), torch.cumsum(weighted.double(), 0)])
@@ -87,14 +97,14 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
 class ALSStep:
     """The trainer's step for ``optimizer=als``: a batch of users solved, then every item."""
 
-    def __init__(self, model, task, batch_size: int) -> None:
+    def __init__(self, model, task, batch_size: int, kernel=None) -> None:
         from recsys_torch.models.mf import MFModel
         from recsys_torch.tasks import RankingTask
 
         if type(model) is not MFModel or not isinstance(task, RankingTask) or task.loss_name != "gramian":
             raise ConfigError("trainer.optimizer=als solves the Gramian loss of biased MF: use model=mf, "
                               "task=ranking and task.loss=gramian (or another optimizer)")
-        self.model, self.task = model, task
+        self.model, self.task, self.kernel = model, task, kernel
         self.rows_per_step = batch_size
         self.optimizers = _NoOptimizer()
         n_users, n_items = model.n_users, model.n_items
@@ -125,7 +135,7 @@ class ALSStep:
         batch = csr(crow, items, weight, (len(users), self.model.n_items))
         known, gram, item_l2 = self._item_terms()
         p_table[users], loss = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
-                                          self.user_reg.index_select(0, users), known, gram=gram)
+                                          self.user_reg.index_select(0, users), known, gram=gram, kernel=self.kernel)
         # the item L2 counts once per epoch: this batch's share of it, as the task's loss has it
         share = len(users) / task.n_active_users
         return ((loss.sum() + share * item_l2) / (share * task.nnz)).float()
@@ -135,4 +145,4 @@ class ALSStep:
         """Every user was solved this epoch: now every item, against them."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
         q_table.copy_(solve_rows(q_table, self.by_item, p_table, task.confidence, task.gramian_weight, self.item_reg,
-                                 self.model.known_users.float())[0])
+                                 self.model.known_users.float(), kernel=self.kernel)[0])

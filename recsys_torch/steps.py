@@ -65,9 +65,15 @@ def build_step(model, task, optimizer: str, lr: float, batch_size: int, device: 
 
         optimizer = "als" if type(model) is MFModel and task.loss_name == "gramian" else "adam"
     if optimizer == "als":  # alternating least squares for the Gramian loss (recsys_torch.als)
+        from recsys_torch import fused as kernel
         from recsys_torch.als import ALSStep
 
-        return ALSStep(model, task, batch_size)
+        # the compiled kernel does the conjugate-gradient product over the positives on the CPU
+        ext = kernel.load_extension() if fused is not False and device.type == "cpu" else None
+        if fused is True and ext is None:
+            raise ConfigError("trainer.fused=true needs a CPU device and a C++ compiler; use trainer.fused=auto "
+                              "to fall back")
+        return ALSStep(model, task, batch_size, ext)
     if fused is not False and world_size == 1:
         from recsys_torch import fused as kernel
 

@@ -112,3 +112,45 @@ def test_fused_true_refuses_unsupported_combination():
     with pytest.raises(ConfigError, match="fused"):
         Trainer(epochs=1, optimizer="adagrad", fused=True, progress=False).fit(model, inter)
 
+
+
+def test_gram_apply_is_the_sparse_tensor_product_over_the_positives():
+    """ALS's conjugate-gradient product, one pass per positive: sum_j w_j <v[r], other[col_j]> other[col_j]
+    per row, rows without positives included, at any thread count."""
+    from recsys_torch.sparse import csr, csr_dots
+
+    g = torch.Generator().manual_seed(0)
+    n_rows, n_cols, d = 50, 70, 12
+    cells = torch.unique(torch.randint(0, n_rows * n_cols, (600,), generator=g))
+    cells = cells[cells // n_cols % 7 != 3]  # rows 3, 10, 17, ... without a cell
+    rows, col = cells // n_cols, cells % n_cols  # sorted: row-major
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)])
+    assert (crow[1:] == crow[:-1]).any()  # some rows have no cell
+    weight = torch.rand(len(col), generator=g) + 0.5
+    v, other = torch.randn(n_rows, d, generator=g), torch.randn(n_cols, d, generator=g)
+    want = csr(crow, col, csr_dots(v, other, crow, col) * weight, (n_rows, n_cols)) @ other
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(fused.load_extension().gram_apply(crow, col, weight, v, other), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_als_with_and_without_the_kernel_agree():
+    from recsys_torch.tasks import RankingTask
+    from recsys_torch.trainer import Trainer
+
+    inter = _data(n=1500, n_users=60, n_items=40)
+    fits = []
+    for use in (True, False):
+        torch.manual_seed(0)
+        model = MFModel(inter.n_users, inter.n_items, embedding_dim=8)
+        task = RankingTask(threshold=None, loss="gramian")
+        fit = Trainer(epochs=3, optimizer="als", fused=use, progress=False, device="cpu").fit(model, inter, None, task)
+        fits.append((model, [h["train/loss"] for h in fit.history]))
+    (fast, fast_loss), (pure, pure_loss) = fits
+    for a, b in zip(fast.parameters(), pure.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert fast_loss == pytest.approx(pure_loss, rel=1e-5)

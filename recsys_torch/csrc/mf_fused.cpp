@@ -191,7 +191,48 @@ void mf_sgd_online(torch::Tensor P, torch::Tensor Q, torch::Tensor bu, torch::Te
   for (auto& th : pool) th.join();
 }
 
+// ALS's conjugate-gradient product over a CSR pattern: out[r] = sum_j w_j <v[r], other[col_j]> other[col_j]
+// for the cells j of row r. One pass per cell reads other[col_j] once for the dot product and the
+// update (the sparse-tensor path reads it twice: a sampled product, then a CSR x dense product).
+// Rows are independent and each is summed in cell order by one thread: the result does not depend on
+// the thread count.
+torch::Tensor gram_apply(torch::Tensor crow, torch::Tensor col, torch::Tensor weight, torch::Tensor v,
+                         torch::Tensor other) {
+  TORCH_CHECK(crow.dtype() == torch::kInt64 && col.dtype() == torch::kInt64, "gram_apply: int64 indices");
+  TORCH_CHECK(v.dtype() == torch::kFloat32 && other.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32,
+              "gram_apply: float32 values");
+  TORCH_CHECK(v.size(1) == other.size(1) && crow.size(0) == v.size(0) + 1 && col.size(0) == weight.size(0),
+              "gram_apply: shapes");
+  auto out = torch::zeros_like(v);
+  const int64_t n = v.size(0), d = v.size(1);
+  const int64_t* cp = crow.data_ptr<int64_t>();
+  const int64_t* cl = col.data_ptr<int64_t>();
+  const float* wp = weight.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = other.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* vr = vp + r * d;
+      float* o = outp + r * d;
+      const int64_t end = cp[r + 1];
+      for (int64_t j = cp[r]; j < end; ++j) {
+        if (j + kAhead < end) prefetch_row(op + cl[j + kAhead] * d, d);
+        const float* q = op + cl[j] * d;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < d; ++k) s += vr[k] * q[k];
+        s *= wp[j];
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) o[k] += s * q[k];
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mf_step", &mf_step, "fused biased-MF minibatch step (MSE, row-wise SGD or lazy Adam)");
   m.def("mf_sgd_online", &mf_sgd_online, "per-rating SGD over a chunk (Hogwild with several threads)");
+  m.def("gram_apply", &gram_apply, "ALS's CSR product: sum_j w_j <v[r], other[col_j]> other[col_j] per row");
 }
