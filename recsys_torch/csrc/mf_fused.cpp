@@ -211,8 +211,15 @@ torch::Tensor gram_apply(torch::Tensor crow, torch::Tensor col, torch::Tensor we
   const float* vp = v.data_ptr<float>();
   const float* op = other.data_ptr<float>();
   float* outp = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
+  // rows cut into chunks of about equal cell counts (popular items hold most cells), several per thread
+  const int64_t n_chunks = n == 0 ? 0 : std::min<int64_t>(n, 8 * static_cast<int64_t>(at::get_num_threads()));
+  std::vector<int64_t> bounds(n_chunks + 1, n);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t target = cp[0] + (cp[n] - cp[0]) * c / n_chunks;
+    bounds[c] = std::lower_bound(cp, cp + n, target) - cp;
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = bounds[c0]; r < bounds[c1]; ++r) {
       const float* vr = vp + r * d;
       float* o = outp + r * d;
       const int64_t end = cp[r + 1];
