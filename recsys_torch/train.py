@@ -159,7 +159,8 @@ def main(cfg: DictConfig) -> float | None:
 
     output_dir = HydraConfig.get().runtime.output_dir
     preset = HydraConfig.get().runtime.choices.get("preset")
-    if preset:  # picked by model and task, not typed: say so
+    # picked by model and task, not typed: say so, when that pair has one (the default is optional)
+    if preset and os.path.exists(os.path.join(cli.CONFIG_DIR, "preset", f"{preset}.yaml")):
         log.info("preset %s: configs/preset/%s.yaml sets this model's settings for this task (any of them can be "
                  "overridden on the command line)", preset, preset)
     typed = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]

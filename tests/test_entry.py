@@ -220,6 +220,13 @@ def test_script_says_which_preset_it_picked(tmp_path):
     assert "preset hybrid_ranking: configs/preset/hybrid_ranking.yaml" in (tmp_path / "train.log").read_text()
 
 
+def test_script_names_no_preset_where_the_model_and_task_have_none(tmp_path):
+    tiny = [f"data.{key}={value}" for key, value in TINY.items()]
+    proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "preset" not in (tmp_path / "train.log").read_text()  # there is no configs/preset/mf_ranking.yaml
+
+
 def test_script_warns_when_a_typed_model_l2_setting_changes_nothing(tmp_path):
     tiny = [f"data.{key}={value}" for key, value in TINY.items()]
     proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", "model.reg=0.3", "model.embedding_dim=8",
