@@ -8,9 +8,11 @@ sweep, whatever the batch size. The objective is exactly :meth:`recsys_torch.tas
 gradient path (``optimizer=adam``) and this one minimize the same thing; ALS needs far fewer passes.
 
 For a user u the normal equations are
-``(gramian_weight * G + confidence * sum_i w_ui q_i q_i^T + reg_u I) p_u = confidence * sum_i w_ui q_i``
-with ``G = Q^T Q``; the sum over the user's positives is applied through
-``torch.sparse.sampled_addmm`` on the CSR pattern of the positives, never as a dense matrix.
+``(gramian_weight * G + sum_i c_ui q_i q_i^T + reg_u I) p_u = sum_i c_ui y_ui q_i``
+with ``G = Q^T Q``, over the user's observed pairs i: the positives (target ``y`` 1, weight ``c``
+``confidence`` times the row's weight) and the explicit negatives (``y`` 0, ``c`` ``negative_weight``).
+The sum is applied on the CSR pattern of those pairs (the compiled kernel's ``gram_apply``, or sparse
+tensor products), never as a dense matrix.
 """
 
 from __future__ import annotations
@@ -59,22 +61,24 @@ def gramian(other: torch.Tensor, known: torch.Tensor | None = None) -> torch.Ten
     return masked.T @ masked
 
 
-def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, steps=CG_STEPS, gram=None,
-               kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_rows(x, pattern, other, gramian_weight, reg, known=None, steps=CG_STEPS, gram=None,
+               kernel=None, target=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of ``x`` that minimize the Gramian loss with ``other`` fixed; ``pattern`` is the CSR of
-    the rows' positives (values: their weights) over the rows of ``other``, ``reg`` the L2 per row;
-    ``known`` (0/1 per row of ``other``): the rows the all-pairs term covers (those seen in training).
+    the rows' observed pairs (values: their weights ``c``) over the rows of ``other``, ``target`` their
+    targets ``y`` (None: every one 1), ``reg`` the L2 per row; ``known`` (0/1 per row of ``other``): the
+    rows the all-pairs term covers (those seen in training).
 
-    Also returns each row's loss at the solution, ``confidence * sum_i w_i (1 - s_i)^2 + gramian_weight
-    x^T G x + reg |x|^2``, without another product: with ``A x = rhs - r`` (``r`` the residual), it is
-    ``confidence * sum_i w_i - x . rhs - x . r`` (in float64). ``gram``: :func:`gramian` of ``other``
+    Also returns each row's loss at the solution, ``sum_i c_i (y_i - s_i)^2 + gramian_weight x^T G x +
+    reg |x|^2``, without another product: with ``A x = rhs - r`` (``r`` the residual), it is
+    ``sum_i c_i y_i^2 - x . rhs - x . r`` (in float64). ``gram``: :func:`gramian` of ``other``
     and ``known`` when the caller holds it already; ``kernel``: the compiled module
     (:func:`recsys_torch.fused.load_extension`), whose ``gram_apply`` does the positives' product in one
     pass over them (float32 on the CPU; the sparse-tensor path otherwise)."""
     gram = gramian(other, known) if gram is None else gram
-    rhs = confidence * (pattern @ other)
     crow, col = pattern.crow_indices(), pattern.col_indices()
-    weighted = pattern.values() * confidence
+    weighted = pattern.values()
+    wanted = weighted if target is None else weighted * target  # c y: the right-hand side's weights
+    rhs = (pattern if target is None else csr(crow, col, wanted, pattern.shape)) @ other
 
     if kernel is not None and other.device.type == "cpu" and other.dtype == torch.float32:
         crow, col, weighted, other = crow.contiguous(), col.contiguous(), weighted.contiguous(), other.contiguous()
@@ -89,7 +93,8 @@ def solve_rows(x, pattern, other, confidence, gramian_weight, reg, known=None, s
         return gramian_weight * (v @ gram) + reg[:, None] * v + positives(v)
 
     x, residual = conjugate_gradient(x, rhs, apply, steps)
-    weight_sums = torch.cat([weighted.new_zeros(1, dtype=torch.float64), torch.cumsum(weighted.double(), 0)])
+    constant = wanted if target is None else wanted * target  # c y^2
+    weight_sums = torch.cat([weighted.new_zeros(1, dtype=torch.float64), torch.cumsum(constant.double(), 0)])
     loss = (weight_sums[crow[1:]] - weight_sums[crow[:-1]]) - (x.double() * (rhs + residual).double()).sum(1)
     return x, loss
 
@@ -110,9 +115,10 @@ class ALSStep:
         n_users, n_items = model.n_users, model.n_items
         self.user_reg = (task.reg * task.user_reg_weight).float()
         self.item_reg = (task.reg * task.item_reg_weight).float()
-        # every positive, item-major, for the item solve
-        crow, users, order = transposed(task.pos_indptr, task.pos_items, n_items)
-        self.by_item = csr(crow, users, task.pos_weight[order], (n_items, n_users))
+        # every observed pair (positives and explicit negatives), item-major, for the item solve
+        crow, users, order = transposed(task.obs_indptr, task.obs_items, n_items)
+        self.by_item = csr(crow, users, task.obs_weight[order], (n_items, n_users))
+        self.by_item_target = task.obs_target[order]
         self._items = None  # the item side's Gramian and L2, fixed while an epoch's users are solved
 
     def _item_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,11 +137,12 @@ class ALSStep:
         """Solve these users against the current items; their loss afterwards (the task's Gramian loss
         of the batch, from the solve's own by-products)."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
-        _, items, weight, crow = task._positives_of(users)
+        _, items, weight, target, crow = task._observed_of(users)
         batch = csr(crow, items, weight, (len(users), self.model.n_items))
         known, gram, item_l2 = self._item_terms()
-        p_table[users], loss = solve_rows(p_table[users], batch, q_table, task.confidence, task.gramian_weight,
-                                          self.user_reg.index_select(0, users), known, gram=gram, kernel=self.kernel)
+        p_table[users], loss = solve_rows(p_table[users], batch, q_table, task.gramian_weight,
+                                          self.user_reg.index_select(0, users), known, gram=gram, kernel=self.kernel,
+                                          target=target)
         # the item L2 counts once per epoch: this batch's share of it, as the task's loss has it
         share = len(users) / task.n_active_users
         return ((loss.sum() + share * item_l2) / (share * task.nnz)).float()
@@ -144,5 +151,5 @@ class ALSStep:
     def end_epoch(self) -> None:
         """Every user was solved this epoch: now every item, against them."""
         task, p_table, q_table = self.task, self.model.user_factors.weight, self.model.item_factors.weight
-        q_table.copy_(solve_rows(q_table, self.by_item, p_table, task.confidence, task.gramian_weight, self.item_reg,
-                                 self.model.known_users.float(), kernel=self.kernel)[0])
+        q_table.copy_(solve_rows(q_table, self.by_item, p_table, task.gramian_weight, self.item_reg,
+                                 self.model.known_users.float(), kernel=self.kernel, target=self.by_item_target)[0])

@@ -16,6 +16,7 @@ same run folder, which ``scripts/recommend.py run_dir=...`` and ``scripts/report
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from recsys_torch.cli import CONFIG_DIR
 from recsys_torch.data.dataset import Dataset, encode
 from recsys_torch.data.raw import RawDataset
 from recsys_torch.errors import ConfigError
-from recsys_torch.experiment import Experiment, run
+from recsys_torch.experiment import make_experiment, run
 from recsys_torch.runfolder import RunFolder
 from recsys_torch.tasks import warn_unused_model_settings
 
@@ -147,8 +148,7 @@ def fit(data, model: str = "mf", split: str = "random", task: str = "rating", ou
     trainer_settings = {**trainer_settings, **model_trainer, **trainer_args}
     the_task = _target(task_target)(**task_settings)
     warn_unused_model_settings(getattr(the_task, "loss_name", None), model_args or {})
-    inter = the_task.prepare_data(dataset.interactions)
-    experiment = Experiment(dataset, the_task, inter, _target(split_target)(inter, seed=seed, **split_settings), seed)
+    experiment = make_experiment(dataset, the_task, functools.partial(_target(split_target), **split_settings), seed)
     model_class = _target(model_target)
     out = out or os.path.join("runs", f"{model}-{datetime.datetime.now():%Y-%m-%d_%H-%M-%S}")
     config = {"model": {"_target_": model_target, **model_settings}, "task": the_task.config(),

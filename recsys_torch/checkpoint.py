@@ -109,6 +109,8 @@ def task_from_config(node: dict | None):
     if target is None:
         return RatingTask()
     cls = _class_inside(target, "recsys_torch.tasks", "task")
+    if target.endswith(".RankingTask") and "negative_weight" not in node:
+        node["negative_weight"] = 0.0  # a run from before explicit negatives trained without them
     try:
         return cls(**node)
     except Exception as exc:

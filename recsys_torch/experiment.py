@@ -25,7 +25,7 @@ from recsys_torch.loggers import NullLogger
 from recsys_torch.metrics import aggregate_folds, unknown_counts
 from recsys_torch.recommend import INDEX_NAME, write_index
 from recsys_torch.runfolder import METRICS_NAME, RunFolder
-from recsys_torch.splits import Split
+from recsys_torch.splits import Split, negative_parts
 from recsys_torch.tasks import Task
 
 log = logging.getLogger("recsys_torch")
@@ -43,6 +43,26 @@ class Experiment:
     interactions: Interactions
     splits: list[Split]
     seed: int
+
+
+def make_experiment(dataset: Dataset, task: Task, split: Callable, seed: int) -> Experiment:
+    """The task's view of the data set, split by ``split(interactions, seed=seed)``. A ranking task that
+    trains on explicit negatives (:meth:`~recsys_torch.tasks.RankingTask.negatives`) gets each split
+    part's own: :func:`~recsys_torch.splits.negative_parts` holds out those that belong with the
+    held-out positives."""
+    inter = task.prepare_data(dataset.interactions)
+    log.info("data %s: %s", dataset.name, inter.describe())
+    splits = split(inter, seed=seed)
+    negatives = task.negatives(dataset.interactions)
+    if negatives is not None and len(negatives):
+        for s in splits:
+            parts = torch.from_numpy(negative_parts(s, inter, negatives, seed))
+            for k, part in enumerate((s.train, s.val, s.test)):
+                part.negatives = negatives.subset(parts == k)
+        inter.negatives = negatives  # a final fit trains on every rating
+        log.info("explicit negatives (ratings below %g): %d, of which %d train (task.negative_weight=%g)",
+                 task.threshold, len(negatives), len(splits[0].train.negatives), task.negative_weight)
+    return Experiment(dataset, task, inter, splits, seed)
 
 
 def below_threshold(task: Task, inter: Interactions) -> Interactions | None:
@@ -68,6 +88,8 @@ def fold_metrics(task: Task, model, split: Split, fit, trained_on: Interactions)
         n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
         n_test_unknown_users=unknown["unknown_users"], n_test_unknown_items=unknown["unknown_items"],
     )
+    if trained_on.negatives is not None:  # a ranking run's explicit negatives that trained
+        metrics["n_train_negatives"] = len(trained_on.negatives)
     return metrics
 
 

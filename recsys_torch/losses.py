@@ -69,15 +69,16 @@ def user_softmax(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
 
 
 def sparse_squared_error(p: torch.Tensor, q: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-                         weight: torch.Tensor) -> torch.Tensor:
-    """``sum_k weight_k (1 - <p[r_k], q[col_k]>)^2`` where row r of the CSR pattern (``crow``, ``col``)
-    holds the columns of row r of ``p``: the observed part of the Gramian (iALS) loss."""
+                         weight: torch.Tensor, target: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``sum_k weight_k (target_k - <p[r_k], q[col_k]>)^2`` where row r of the CSR pattern (``crow``,
+    ``col``) holds the columns of row r of ``p``: the observed part of the Gramian (iALS) loss (target 1
+    for a positive, 0 for an explicit negative)."""
     if p.is_cuda or p.dtype != torch.float32:  # sampled_addmm's CPU path; elsewhere plain gathers
         rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=p.device), crow[1:] - crow[:-1])
-        return (weight * (1.0 - (p.index_select(0, rows) * q.index_select(0, col)).sum(1)).pow(2)).sum()
+        return (weight * (target - (p.index_select(0, rows) * q.index_select(0, col)).sum(1)).pow(2)).sum()
     # the scores as one sampled product, their gradients as two sparse products, never per-cell gathers
     # of whole rows (about 4 times faster on the CPU)
-    return (weight * (1.0 - csr_dots(p, q, crow, col)).pow(2)).sum()
+    return (weight * (target - csr_dots(p, q, crow, col)).pow(2)).sum()
 
 
 LOSSES = {"mse": mse, "bpr": bpr, "softmax": sampled_softmax, "full_softmax": full_softmax}

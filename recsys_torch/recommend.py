@@ -781,8 +781,9 @@ class Recommender:
         """Fit a new user's vector and bias against the frozen item side.
 
         ``ratings``: ``(raw item, rating)`` pairs. Runs trained on ratings solve the ridge regression
-        of the training objective in closed form; ranking runs minimize their loss (softmax or BPR)
-        against every item with L-BFGS (``steps`` iterations at most). The L2 weight is the model's own
+        of the training objective in closed form; ranking runs minimize their loss (Gramian, softmax or
+        BPR) against every item with L-BFGS (``steps`` iterations at most); under the Gramian loss the
+        ratings below the threshold count as explicit negatives, as in training. The L2 weight is the model's own
         (``reg`` times the user's count to the power ``1 - reg_exponent``, as in training).
         ``user_features``: ``{"column": value or [values]}`` for models with a user feature tower:
         they give the starting vector that the ratings then correct.
@@ -836,6 +837,8 @@ class Recommender:
         position = np.full(len(self.item_ids), -1, dtype=np.int64)
         position[cand] = np.arange(len(cand))
         pos = torch.from_numpy(position[positives])
+        # ratings below the threshold: explicit negatives, as training had them (the Gramian loss)
+        neg = None if self.threshold is None else torch.from_numpy(position[codes[values < self.threshold]])
         task = self.task
         lam = task.fold_in_penalty(len(pos), len(cand), self.reg, self.reg_exponent)
         start = torch.from_numpy(prior_vec.astype(np.float64))
@@ -844,7 +847,7 @@ class Recommender:
 
         def closure():
             opt.zero_grad()
-            loss = task.fold_in_loss(b + q @ (start + delta), pos) + lam * delta.pow(2).sum()
+            loss = task.fold_in_loss(b + q @ (start + delta), pos, neg) + lam * delta.pow(2).sum()
             loss.backward()
             return loss
 

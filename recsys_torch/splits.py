@@ -191,3 +191,48 @@ def cold_item(inter: Interactions, seed: int = 42, val: float = 0.1, test: float
 def cold_user(inter: Interactions, seed: int = 42, val: float = 0.1, test: float = 0.2) -> list[Split]:
     """A ``test`` fraction of the users, with all their ratings, go to test (``val`` to validation)."""
     return _cold(inter, seed, val, test, "user")
+
+
+def negative_parts(split: Split, positives: Interactions, negatives: Interactions, seed: int) -> np.ndarray:
+    """The part (0 train, 1 val, 2 test) of each explicit negative of a ranking run (a rating below the
+    threshold), so that training sees only the negatives its scheme would have let it see, never
+    those that belong with the held-out positives:
+
+    - ``cold_item``: an item's negatives go where its positives went (a new item stays unseen);
+    - ``temporal``: a negative as new as the oldest held-out positive is held out with the newest part
+      it reaches, like the positives at the cut;
+    - ``leave_last``: per user, negatives as new as the user's oldest held-out positive are held out;
+    - every other scheme (random, user, the k-fold folds, ``cold_user``): each user holds out, at random
+      (seeded), the same share of their negatives as of their positives (``floor(share * n + 0.5)``),
+      so a new user's negatives stay unseen too.
+
+    A user or item without positives keeps its negatives in training."""
+    assign = np.asarray(split.assign, dtype=np.int8)
+    users, items = positives.users.cpu().numpy(), positives.items.cpu().numpy()
+    neg_users, neg_items = negatives.users.cpu().numpy(), negatives.items.cpu().numpy()
+    parts = np.zeros(len(negatives), dtype=np.int8)
+    if split.name == "cold_item":
+        role = np.zeros(positives.n_items, dtype=np.int8)
+        role[items] = assign  # an item's positives all share its part
+        return role[neg_items]
+    if split.name in ("temporal", "leave_last"):
+        pos_ts = _require_timestamps(positives, split.name).astype(np.float64)
+        neg_ts = _require_timestamps(negatives, split.name).astype(np.float64)
+        for part in (1, 2):  # held out from the oldest held-out positive of that part (or a newer one) on
+            held = assign >= part
+            if split.name == "temporal":
+                if held.any():
+                    parts[neg_ts >= pos_ts[held].min()] = part
+                continue
+            first = np.full(positives.n_users, np.inf)
+            np.minimum.at(first, users[held], pos_ts[held])
+            parts[neg_ts >= first[neg_users]] = part
+        return parts
+    n_pos = np.bincount(users, minlength=positives.n_users)
+    rng = np.random.default_rng([seed, 1, *split.name.encode()])  # each fold its own draw
+    rank, n = _rank_within_user(neg_users, rng.random(len(neg_users)))
+    for part in (1, 2):  # the first (share of val + test) go to validation, then the first (share of test) to test
+        share = np.bincount(users, weights=(assign >= part).astype(np.float64), minlength=positives.n_users)
+        share = np.divide(share, n_pos, out=np.zeros_like(share), where=n_pos > 0)
+        parts[rank < np.floor(share[neg_users] * n + 0.5)] = part
+    return parts

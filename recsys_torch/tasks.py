@@ -48,6 +48,10 @@ class Task:
     def prepare_data(self, inter: Interactions) -> Interactions:
         return self.decayed(inter)
 
+    def negatives(self, inter: Interactions) -> Interactions | None:
+        """The rows of ``inter`` this task trains on as explicit negatives (none by default)."""
+        return None
+
     def decayed(self, inter: Interactions) -> Interactions:
         """With ``time_decay`` (days), each row's weight times 0.5 ** (age / time_decay), its age counted
         from the latest interaction of the data."""
@@ -150,7 +154,7 @@ class RankingTask(Task):
                  sampler: str = "uniform", reject_positives: bool = True, ks=(10,),
                  monitor: str | None = None, eval_batch_size: int = 1024, confidence: float = 1.0,
                  gramian_weight: float = 0.3, reg: float = 0.015, reg_frequency: float = 1.0,
-                 val_sample: int | None = None, time_decay: float | None = None) -> None:
+                 val_sample: int | None = None, time_decay: float | None = None, negative_weight: float = 0.6) -> None:
         if loss not in self.LOSSES:
             raise ConfigError(f"task.loss must be one of {', '.join(map(repr, self.LOSSES))}, got {loss!r}")
         if sampler not in ("uniform", "popularity"):
@@ -167,6 +171,7 @@ class RankingTask(Task):
         self.eval_batch_size = number("task.eval_batch_size", eval_batch_size, int, 1)
         self.confidence = number("task.confidence", confidence, float, above=0)
         self.gramian_weight = number("task.gramian_weight", gramian_weight, float, above=0)
+        self.negative_weight = number("task.negative_weight", negative_weight, float, 0)
         self.reg = number("task.reg", reg, float, 0)
         self.reg_frequency = number("task.reg_frequency", reg_frequency, float)
         self.val_sample = number("task.val_sample", val_sample, int, 1, allow_none=True)
@@ -180,7 +185,8 @@ class RankingTask(Task):
                 "n_negatives": self.n_negatives, "sampler": self.sampler, "reject_positives": self.reject_positives,
                 "ks": list(self.ks), "monitor": self.monitor, "eval_batch_size": self.eval_batch_size,
                 "confidence": self.confidence, "gramian_weight": self.gramian_weight, "reg": self.reg,
-                "reg_frequency": self.reg_frequency, "val_sample": self.val_sample, "time_decay": self.time_decay}
+                "reg_frequency": self.reg_frequency, "val_sample": self.val_sample, "time_decay": self.time_decay,
+                "negative_weight": self.negative_weight}
 
     @property
     def wide_steps(self) -> bool:
@@ -201,6 +207,15 @@ class RankingTask(Task):
         if self.threshold is not None:
             inter = inter.subset(inter.ratings >= float(self.threshold))
         return inter.__class__(**{**inter.__dict__, "ratings": torch.ones(len(inter))})
+
+    def negatives(self, inter: Interactions) -> Interactions | None:
+        """The ratings below the threshold, for the Gramian loss (``negative_weight`` > 0): the user saw
+        these items and did not like them, which says more than an item never rated. Their weights
+        decay with ``time_decay`` as the positives' do."""
+        if self.threshold is None or self.loss_name != "gramian" or self.negative_weight == 0:
+            return None
+        inter = self.decayed(inter)
+        return inter.subset(inter.ratings < float(self.threshold))
 
     def setup(self, train: Interactions, device: torch.device, generator: torch.Generator) -> None:
         super().setup(train, device, generator)
@@ -223,6 +238,7 @@ class RankingTask(Task):
         self.pos_indptr = torch.cat([user_counts.new_zeros(1), torch.cumsum(user_counts, 0)])
         self.pos_items = items[order]
         self.pos_weight = train.row_weights().to(device)[order].float()
+        self._observed(train, device)
         self.n_users = train.n_users
         self.n_active_users = n_active_users = max(int((user_counts > 0).sum()), 1)
         self.nnz = max(float(self.pos_weight.sum()), 1e-12)
@@ -231,6 +247,33 @@ class RankingTask(Task):
         gw, nu = self.gramian_weight, self.reg_frequency
         self.user_reg_weight = (user_counts.double() + gw * int((counts > 0).sum())).pow(nu).float()
         self.item_reg_weight = (counts + gw * n_active_users).pow(nu).float()
+
+    def _observed(self, train: Interactions, device: torch.device) -> None:
+        """The Gramian loss's observed pairs per user (CSR, users in code order): the positives, target 1
+        and weight ``confidence`` (times the row's weight), and the explicit negatives of ``train``
+        (:attr:`~recsys_torch.data.interactions.Interactions.negatives`), target 0 and weight
+        ``negative_weight`` (times the row's weight), on top of every pair's ``gramian_weight``."""
+        weight = self.confidence * self.pos_weight
+        neg = train.negatives
+        if neg is not None and len(neg):  # a user or item without positives is never solved nor ranked
+            known_items = torch.bincount(self.pos_items.cpu(), minlength=train.n_items) > 0
+            neg = neg.subset((self.pos_indptr.diff().cpu()[neg.users.cpu()] > 0) & known_items[neg.items.cpu()])
+        if neg is None or len(neg) == 0 or self.negative_weight == 0:
+            self.obs_indptr, self.obs_items, self.obs_weight = self.pos_indptr, self.pos_items, weight
+            self.obs_target = torch.ones_like(weight)
+            self.n_negatives_trained = 0
+            return
+        n_users = train.n_users
+        pos_users = torch.repeat_interleave(torch.arange(n_users, device=device), self.pos_indptr.diff())
+        users = torch.cat([pos_users, neg.users.to(device)])
+        items = torch.cat([self.pos_items, neg.items.to(device)])
+        order = torch.argsort(users * self.n_items + items)  # CSR: each row's columns in order
+        counts = torch.bincount(users, minlength=n_users)
+        self.obs_indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        self.obs_items = items[order]
+        self.obs_weight = torch.cat([weight, self.negative_weight * neg.row_weights().to(device).float()])[order]
+        self.obs_target = torch.cat([torch.ones_like(weight), weight.new_zeros(len(neg))])[order]
+        self.n_negatives_trained = len(neg)
 
     def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Per (user, item) pair of equal-shaped tensors: is it a training positive?"""
@@ -267,15 +310,26 @@ class RankingTask(Task):
             rows, cols = rows[still], cols[still]
         return neg
 
-    def _positives_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The positives of a batch of users: (row in the batch, item, weight) per positive, grouped by
-        row, and the row pointers of that CSR layout."""
-        starts = self.pos_indptr.index_select(0, users)
-        lengths = self.pos_indptr.index_select(0, users + 1) - starts
+    @staticmethod
+    def _rows_of(users: torch.Tensor, indptr: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The entries of a batch of users in a per-user CSR (``indptr`` and its ``columns``): the row in
+        the batch of each entry, each column's values, grouped by row, and the row pointers of that CSR."""
+        starts = indptr.index_select(0, users)
+        lengths = indptr.index_select(0, users + 1) - starts
         rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), lengths)
         crow = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
         index = starts.index_select(0, rows) + torch.arange(len(rows), device=users.device) - crow[:-1].index_select(0, rows)
-        return rows, self.pos_items.index_select(0, index), self.pos_weight.index_select(0, index), crow
+        return (rows, *(c.index_select(0, index) for c in columns), crow)
+
+    def _positives_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positives of a batch of users: (row in the batch, item, weight) per positive, grouped by
+        row, and the row pointers of that CSR layout."""
+        return self._rows_of(users, self.pos_indptr, self.pos_items, self.pos_weight)
+
+    def _observed_of(self, users: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The Gramian loss's observed pairs of a batch of users: (row in the batch, item, weight, target)
+        per pair, grouped by row, and the row pointers (:meth:`_observed`)."""
+        return self._rows_of(users, self.obs_indptr, self.obs_items, self.obs_weight, self.obs_target)
 
     def _user_softmax(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
         """The full softmax with each user's logits computed once: the same loss (and gradient) as
@@ -294,8 +348,8 @@ class RankingTask(Task):
 
     def _gramian(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
         """The iALS objective (Hu et al. 2008; Rendle et al. 2021) by gradient descent, never building
-        the user x item matrix: ``confidence`` x (1 - s)^2 over the positives plus ``gramian_weight`` x s^2
-        over every (user, item) pair, where s = <p_u, q_i>. The all-pairs sum of a user is p_u^T G p_u with
+        the user x item matrix: ``confidence`` x (1 - s)^2 over the positives, ``negative_weight`` x s^2 over
+        the explicit negatives, plus ``gramian_weight`` x s^2 over every (user, item) pair, where s = <p_u, q_i>. The all-pairs sum of a user is p_u^T G p_u with
         G = Q^T Q the d x d Gramian of the item vectors, so a batch costs O(batch x d^2 + items x d^2 +
         positives x d). Normalized so that an epoch's expected loss is the objective divided by the
         number of positives. The L2 is this loss's own
@@ -312,9 +366,9 @@ class RankingTask(Task):
         p, q = u.vector, every.vector
         gram = q.T @ q
         all_pairs = ((p @ gram) * p).sum()
-        _, items, weight, crow = self._positives_of(users)
-        observed = losses.sparse_squared_error(p.float(), q.float(), crow, items, weight)
-        fit = self.confidence * observed + self.gramian_weight * all_pairs
+        _, items, weight, target, crow = self._observed_of(users)
+        observed = losses.sparse_squared_error(p.float(), q.float(), crow, items, weight, target)
+        fit = observed + self.gramian_weight * all_pairs
         share = len(users) / self.n_active_users  # this batch's share of an epoch (the item L2 is once per epoch)
         reg = (self.user_reg_weight.index_select(0, users) * p.pow(2).sum(1)).sum()
         reg = self.reg * (reg + share * (self.item_reg_weight * q.pow(2).sum(1)).sum())
@@ -365,12 +419,16 @@ class RankingTask(Task):
             return self.reg * (n + self.gramian_weight * n_candidates) ** self.reg_frequency + 1e-6
         return reg * n ** (1.0 - reg_exponent) + 1e-6
 
-    def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """A new user's training loss against every candidate item (``scores`` ``[n]``; ``positives``
-        the indices of the user's positives), summed over the positives."""
+        the indices of the user's positives, ``negatives`` of their explicit negatives, which only the
+        Gramian loss uses), summed over the positives."""
         n = len(positives)
         if self.loss_name == "gramian":  # confidence on the positives, every item's squared score
-            return self.confidence * (1.0 - scores[positives]).pow(2).sum() + self.gramian_weight * scores.pow(2).sum()
+            loss = self.confidence * (1.0 - scores[positives]).pow(2).sum() + self.gramian_weight * scores.pow(2).sum()
+            if negatives is not None and len(negatives) and self.negative_weight:
+                loss = loss + self.negative_weight * scores[negatives].pow(2).sum()
+            return loss
         if self.loss_name == "bpr":  # each positive against every other item
             negative = torch.ones_like(scores, dtype=torch.bool)
             negative[positives] = False

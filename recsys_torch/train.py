@@ -21,7 +21,7 @@ from recsys_torch import cli
 from recsys_torch.checks import number
 from recsys_torch.data.dataset import Dataset, encode
 from recsys_torch.errors import ConfigError, TrainingInterrupted
-from recsys_torch.experiment import Experiment, run
+from recsys_torch.experiment import Experiment, make_experiment, run
 from recsys_torch.loggers import NullLogger
 from recsys_torch.runfolder import RunFolder
 from recsys_torch.tasks import Task, warn_unused_model_settings
@@ -43,12 +43,7 @@ def build(cfg: DictConfig) -> Experiment:
     """Data, task and splits of an experiment: the one way every script puts them together."""
     cli.check_keys(cfg)
     seed = number("seed", cfg.get("seed"), int, 0, 2**63 - 1)
-    dataset = load_data(cfg)
-    task = instantiate(cfg.task)
-    inter = task.prepare_data(dataset.interactions)
-    log.info("data %s: %s", dataset.name, inter.describe())
-    splits = instantiate(cfg.split, _partial_=True)(inter, seed=seed)
-    return Experiment(dataset, task, inter, splits, seed)
+    return make_experiment(load_data(cfg), instantiate(cfg.task), instantiate(cfg.split, _partial_=True), seed)
 
 
 def model_factory(cfg: DictConfig, dataset: Dataset) -> Callable:

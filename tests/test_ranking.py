@@ -416,6 +416,100 @@ def test_an_als_step_reports_the_gramian_loss_of_its_solved_batch():
     assert float(task.loss(model, users).detach()) < first  # and the sweeps go downhill
 
 
+def _with_negatives(inter, seed=5, n=12):
+    """``inter`` with ``n`` explicit negatives on pairs that are not positives, one of them of a user
+    without positives (user 6's positives removed)."""
+    inter = inter.subset(inter.users != 6)
+    g = torch.Generator().manual_seed(seed)
+    taken = {(int(u), int(i)) for u, i in zip(inter.users, inter.items)}
+    pairs = [(6, 0)]
+    while len(pairs) < n:
+        pair = (int(torch.randint(0, 6, (1,), generator=g)), int(torch.randint(0, 11, (1,), generator=g)))
+        if pair not in taken and pair not in pairs:
+            pairs.append(pair)
+    negatives = inter_of(pairs, inter.n_users, inter.n_items)
+    weights = 0.5 + torch.rand(len(pairs), generator=g)
+    inter.negatives = negatives.__class__(**{**negatives.__dict__, "weights": weights})
+    return inter
+
+
+def test_the_gramian_loss_pushes_explicit_negatives_toward_zero():
+    """With explicit negatives, the loss adds negative_weight x (row weight) x s^2 over them, brute force
+    over every pair; a user or an item without positives keeps out (never solved, never ranked)."""
+    inter = _with_negatives(_random_positives(seed=3))
+    torch.manual_seed(0)
+    model = MFModel(7, 11, embedding_dim=3)
+    model.prepare(inter)
+    task = _setup(RankingTask(threshold=None, loss="gramian", confidence=2.5, gramian_weight=0.4, reg=0.0,
+                              negative_weight=0.7), inter)
+    users = task.training_rows(inter)[0]
+    neg = inter.negatives
+    mine = (neg.users != 6) & inter.known_items()[neg.items]
+    assert 6 not in users.tolist() and 0 < task.n_negatives_trained == int(mine.sum()) < len(neg) - 1
+    p = model.user_factors.weight.detach().double()
+    q = model.item_factors.weight.detach().double() * inter.known_items()[:, None]
+    s = p @ q.T
+    fit = 2.5 * ((1 - s[inter.users, inter.items]) ** 2).sum() + 0.4 * (s ** 2)[users].sum()
+    fit = fit + 0.7 * (neg.weights.double()[mine] * s[neg.users[mine], neg.items[mine]] ** 2).sum()
+    assert torch.allclose(task.loss(model, users).double(), fit / len(inter), rtol=1e-5)
+    without = _setup(RankingTask(threshold=None, loss="gramian", confidence=2.5, gramian_weight=0.4, reg=0.0,
+                                 negative_weight=0.0), inter)
+    assert without.n_negatives_trained == 0
+    assert float(without.loss(model, users).detach()) < float(task.loss(model, users).detach())
+
+
+@pytest.mark.parametrize("side", ["users", "items"])
+def test_als_solves_the_gramian_loss_with_explicit_negatives_exactly(side):
+    """With as many CG steps as dimensions the solve is exact: the task's loss, explicit negatives and
+    their weights included, has a zero gradient at the solved vectors; its reported loss is that loss."""
+    from recsys_torch.als import CG_STEPS, ALSStep
+
+    inter = _with_negatives(_random_positives(seed=3))
+    torch.manual_seed(0)
+    model = MFModel(7, 11, embedding_dim=CG_STEPS)
+    model.prepare(inter)
+    task = _setup(RankingTask(threshold=None, loss="gramian", confidence=2.5, gramian_weight=0.4, reg=0.05,
+                              negative_weight=0.7), inter)
+    step = ALSStep(model, task, batch_size=3)
+    users = task.training_rows(inter)[0]
+    if side == "users":
+        reported = step(users)
+        assert torch.allclose(reported.double(), task.loss(model, users).double(), rtol=1e-5)
+    else:
+        step.end_epoch()
+    model.zero_grad()
+    task.loss(model, users).backward()
+    grad = (model.user_factors.weight.grad.to_dense()[users] if side == "users"
+            else model.item_factors.weight.grad.to_dense()[inter.known_items()])
+    assert grad.abs().max() < 1e-5
+
+
+def test_explicit_negatives_lower_the_scores_of_disliked_items():
+    """Trained by ALS on the same positives, a model that also sees which items each user rated low
+    scores those items lower for them (relative to the rest) than a model that does not."""
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 40, 30
+    pairs = sorted({(int(u), int(i)) for u, i in zip(torch.randint(0, n_users, (400,), generator=g),
+                                                     torch.randint(0, n_items, (400,), generator=g))})
+    inter = inter_of(pairs, n_users, n_items)
+    taken = set(pairs)
+    disliked = [(u, i) for u in range(n_users) for i in range(5) if (u, i) not in taken]  # popular, disliked
+    gaps = {}
+    for weight in (0.0, 0.6):
+        data = inter_of(pairs, n_users, n_items)
+        data.negatives = inter_of(disliked, n_users, n_items)
+        torch.manual_seed(0)
+        model = MFModel(n_users, n_items, embedding_dim=8)
+        task = RankingTask(threshold=None, loss="gramian", negative_weight=weight)
+        Trainer(epochs=8, batch_size=16, optimizer="als", patience=None, progress=False, device="cpu").fit(
+            model, data, None, task)
+        with torch.no_grad():
+            scores = model.score_all(torch.arange(n_users))
+        neg = torch.tensor(disliked)
+        gaps[weight] = float(scores[neg[:, 0], neg[:, 1]].mean() - scores.mean())
+    assert gaps[0.6] < gaps[0.0] - 0.05
+
+
 @pytest.mark.parametrize("loss", ["user_softmax", "gramian"])
 def test_user_batched_losses_learn_to_rank(implicit_split, loss):
     train, test = implicit_split[1].train, implicit_split[1].test
@@ -447,3 +541,51 @@ def test_gramian_fold_in_solves_the_users_als_equation():
     v.requires_grad_(True)
     (task.fold_in_loss(q @ v, pos) + lam * v.pow(2).sum()).backward()
     assert v.grad.abs().max() < 1e-9
+
+
+def test_an_experiment_trains_on_the_negatives_of_its_training_part_only():
+    """make_experiment (every script's and rt.fit's way in) gives each split part its own explicit
+    negatives; the refit's train + val joins theirs; the test part's never reach training. A loss other
+    than gramian, negative_weight 0 or no threshold: no negatives at all."""
+    from recsys_torch.data.synthetic import synthetic
+    from recsys_torch.experiment import make_experiment
+
+    dataset = encode(synthetic(n_users=40, n_items=30, n_ratings=600, seed=1))
+    below = int((dataset.interactions.ratings < 4.0).sum())
+    experiment = make_experiment(dataset, RankingTask(threshold=4.0, loss="gramian"),
+                                 lambda inter, seed: [user_split(inter, seed=seed, val=0.1, test=0.2)[0]], seed=0)
+    split = experiment.splits[0]
+    parts = [split.train.negatives, split.val.negatives, split.test.negatives]
+    assert sum(len(p) for p in parts) == below and all(len(p) for p in parts)
+    assert (torch.cat([p.ratings for p in parts]) < 4.0).all()
+    cells = [set(zip(p.users.tolist(), p.items.tolist())) for p in parts]
+    assert not (cells[0] & cells[2]) and not (cells[0] & cells[1])
+    refit = split.train.concat(split.val)
+    assert len(refit.negatives) == len(parts[0]) + len(parts[1])
+    assert len(experiment.interactions.negatives) == below  # a final fit trains on every rating
+    assert split.train.fingerprint() != split.train.subset(torch.arange(len(split.train))).fingerprint()
+    for task in (RankingTask(threshold=4.0, loss="bpr"), RankingTask(threshold=4.0, negative_weight=0.0),
+                 RankingTask(threshold=None)):
+        plain = make_experiment(dataset, task, lambda inter, seed: user_split(inter, seed=seed), seed=0)
+        assert plain.splits[0].train.negatives is None
+
+
+def test_gramian_fold_in_weighs_a_new_users_explicit_negatives_as_training_did():
+    """Fold-in under the Gramian loss adds negative_weight x s^2 over the user's ratings below the
+    threshold: the minimum is the ALS closed form with those items' extra weight; a task rebuilt from
+    a checkpoint written before explicit negatives existed keeps them out, as its training did."""
+    from recsys_torch.checkpoint import task_from_config
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    task = RankingTask(threshold=4.0, loss="gramian", confidence=2.0, gramian_weight=0.5, reg=0.1,
+                       negative_weight=0.8)
+    pos, neg = torch.tensor([1, 4, 7]), torch.tensor([0, 5])
+    lam = task.fold_in_penalty(len(pos), 9, reg=0.0, reg_exponent=0.0)
+    a = 2.0 * q[pos].T @ q[pos] + 0.8 * q[neg].T @ q[neg] + 0.5 * q.T @ q + lam * torch.eye(3, dtype=torch.float64)
+    v = torch.linalg.solve(a, 2.0 * q[pos].sum(0)).requires_grad_(True)
+    (task.fold_in_loss(q @ v, pos, neg) + lam * v.pow(2).sum()).backward()
+    assert v.grad.abs().max() < 1e-9
+    old = {k: v for k, v in task.config().items() if k != "negative_weight"}
+    assert task_from_config(old).negative_weight == 0.0 and task_from_config(task.config()).negative_weight == 0.8
+

@@ -273,6 +273,25 @@ def test_ranking_fold_in_follows_the_given_positives():
         rec.fold_in([("1", 9)])
 
 
+def test_gramian_fold_in_counts_a_low_rating_as_an_explicit_negative():
+    """Under the Gramian loss a new user's rating below the threshold pushes that item's score toward 0,
+    as training's explicit negatives do (task.negative_weight); with the weight 0 it changes nothing."""
+    model = planted_mf()
+    with torch.no_grad():
+        model.item_bias.weight.zero_()  # as a Gramian run has them
+
+    def folded(weight, ratings):
+        task = RankingTask(threshold=4.0, loss="gramian", negative_weight=weight)
+        rec = Recommender(model, ["u0", "u1"], [str(i) for i in range(12)], task=task, rating_scale=(1, 5))
+        return rec.fold_in(ratings).vector
+
+    liked = [("0", 5), ("1", 4), ("7", 5)]
+    q = model.item_factors.weight.detach().numpy()
+    plain, with_low = folded(0.6, liked), folded(0.6, liked + [("3", 1)])
+    assert q[3] @ with_low < q[3] @ plain - 0.05  # the disliked item's score drops toward 0
+    assert np.allclose(folded(0.0, liked + [("3", 1)]), folded(0.0, liked))
+
+
 def categorical_user_features(n_users: int) -> Features:
     vocab = ["<pad>", "gender=F", "gender=M", "job=a", "job=b"]
     index = torch.tensor([[1, 3], [2, 4], [1, 4]])[:n_users]

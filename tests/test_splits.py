@@ -187,3 +187,74 @@ def test_one_item_cannot_be_cold():
     inter = make_inter([0, 1, 2], [0, 0, 0], [1, 2, 3])
     with pytest.raises(ConfigError, match="split 'cold_item' leaves the test set empty"):
         splits.cold_item(inter, test=0.2)  # round(0.2 * 1 item) = 0 items held out
+
+
+# ---- a ranking run's explicit negatives (ratings below the threshold) -----------------------------------
+def _ratings_with_negatives(seed=0, n_users=30, n_items=25, n=500):
+    """Positives and negatives on distinct (user, item) pairs, with timestamps."""
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(n_users * n_items, size=n, replace=False)
+    users, items = cells // n_items, cells % n_items
+    ts = rng.integers(0, 10_000, size=n)
+    liked = rng.random(n) < 0.55
+    def part(mask):
+        return make_inter(users[mask], items[mask], np.ones(mask.sum()), timestamps=ts[mask], n_users=n_users,
+                          n_items=n_items)
+    return part(liked), part(~liked)
+
+
+@pytest.mark.parametrize("scheme", ["random", "user", "cold_user"])
+def test_each_user_holds_out_the_share_of_negatives_it_holds_out_of_positives(scheme):
+    positives, negatives = _ratings_with_negatives()
+    split = SCHEMES[scheme](positives, seed=3)[0]
+    parts = splits.negative_parts(split, positives, negatives, seed=3)
+    for u in range(positives.n_users):
+        mine_pos, mine_neg = split.assign[positives.users.numpy() == u], parts[negatives.users.numpy() == u]
+        for part in (1, 2):
+            share = (mine_pos >= part).mean() if len(mine_pos) else 0.0
+            assert (mine_neg >= part).sum() == np.floor(share * len(mine_neg) + 0.5)
+    if scheme == "cold_user":  # a new user's negatives are as unseen as their positives
+        cold = np.unique(positives.users.numpy()[split.assign == 2])
+        assert (parts[np.isin(negatives.users.numpy(), cold)] == 2).all()
+    assert (parts == 0).any() and (parts == 2).any()
+    again = splits.negative_parts(SCHEMES[scheme](positives, seed=3)[0], positives, negatives, seed=3)
+    assert (again == parts).all()
+    other = splits.negative_parts(SCHEMES[scheme](positives, seed=4)[0], positives, negatives, seed=4)
+    assert (other != parts).any()
+
+
+def test_kfold_folds_hold_out_other_negatives():
+    positives, negatives = _ratings_with_negatives()
+    folds = splits.kfold(positives, seed=3, folds=3)
+    held = [splits.negative_parts(f, positives, negatives, seed=3) == 2 for f in folds]
+    users = negatives.users.numpy()
+    # one shared draw would make each user's held-out negatives the first few of one order in every
+    # fold, so one fold's set would always contain the other's
+    crossed = [u for u in range(negatives.n_users)
+               if (held[0] & ~held[1] & (users == u)).any() and (held[1] & ~held[0] & (users == u)).any()]
+    assert crossed
+
+
+def test_a_new_items_negatives_stay_unseen():
+    positives, negatives = _ratings_with_negatives()
+    split = splits.cold_item(positives, seed=3)[0]
+    parts = splits.negative_parts(split, positives, negatives, seed=3)
+    role = np.zeros(positives.n_items, dtype=np.int8)
+    role[positives.items.numpy()] = split.assign
+    assert (parts == role[negatives.items.numpy()]).all() and (parts == 2).any()
+
+
+@pytest.mark.parametrize("scheme", ["temporal", "leave_last"])
+def test_no_training_negative_is_as_new_as_a_held_out_positive(scheme):
+    positives, negatives = _ratings_with_negatives()
+    split = SCHEMES[scheme](positives, seed=3)[0]
+    parts = splits.negative_parts(split, positives, negatives, seed=3)
+    pos_ts, neg_ts = positives.timestamps.numpy(), negatives.timestamps.numpy()
+    pos_users, neg_users = positives.users.numpy(), negatives.users.numpy()
+    for part in (1, 2):
+        for u in range(positives.n_users):
+            held = (split.assign >= part) & ((pos_users == u) if scheme == "leave_last" else True)
+            mine = (neg_users == u) if scheme == "leave_last" else np.ones(len(neg_ts), dtype=bool)
+            cut = pos_ts[held].min() if held.any() else np.inf
+            assert ((parts[mine] >= part) == (neg_ts[mine] >= cut)).all()
+    assert (parts == 0).any() and (parts == 2).any()

@@ -27,6 +27,10 @@ class Interactions:
     item_ids: np.ndarray | None = None
     rating_scale: tuple[float, float] | None = None
     weights: torch.Tensor | None = None  # float32: how much each row counts in the losses (None: 1)
+    # a ranking task's explicit negatives that belong with these rows (ratings below its threshold, in
+    # the same part of the split): the Gramian loss pushes their scores toward 0. Not rows of this set:
+    # len(), subset and the metrics never see them; concat joins them and to() moves them.
+    negatives: "Interactions | None" = None
 
     def __post_init__(self) -> None:
         n = len(self.users)
@@ -53,6 +57,7 @@ class Interactions:
             ratings=self.ratings.index_select(0, index),
             timestamps=None if self.timestamps is None else self.timestamps.index_select(0, index),
             weights=None if self.weights is None else self.weights.index_select(0, index),
+            negatives=None,  # which of them belong with a subset is the split's business
         )
 
     def concat(self, other: "Interactions") -> "Interactions":
@@ -62,6 +67,9 @@ class Interactions:
             ts = torch.cat([self.timestamps, other.timestamps])
         if self.weights is not None or other.weights is not None:
             weights = torch.cat([self.row_weights(), other.row_weights()])
+        negatives = self.negatives if other.negatives is None else other.negatives
+        if self.negatives is not None and other.negatives is not None:
+            negatives = self.negatives.concat(other.negatives)
         return replace(
             self,
             users=torch.cat([self.users, other.users]),
@@ -69,6 +77,7 @@ class Interactions:
             ratings=torch.cat([self.ratings, other.ratings]),
             timestamps=ts,
             weights=weights,
+            negatives=negatives,
         )
 
     def row_weights(self) -> torch.Tensor:
@@ -86,6 +95,7 @@ class Interactions:
             ratings=move(self.ratings),
             timestamps=move(self.timestamps),
             weights=move(self.weights),
+            negatives=None if self.negatives is None else self.negatives.to(device),
         )
 
     def pin_memory(self) -> "Interactions":
@@ -93,10 +103,12 @@ class Interactions:
         data = self.to("cpu")
         return replace(data, users=data.users.pin_memory(), items=data.items.pin_memory(),
                        ratings=data.ratings.pin_memory(),
-                       weights=None if data.weights is None else data.weights.pin_memory())
+                       weights=None if data.weights is None else data.weights.pin_memory(),
+                       negatives=None if data.negatives is None else data.negatives.pin_memory())
 
     def fingerprint(self) -> str:
-        """A hash of the rows (users, items, ratings, timestamps): equal for the same data only."""
+        """A hash of the rows (users, items, ratings, timestamps, weights) and of the negatives: equal for the
+        same data only."""
         import hashlib
 
         digest = hashlib.blake2b(digest_size=12)
@@ -104,6 +116,8 @@ class Interactions:
             if t is not None:
                 digest.update(t.detach().cpu().contiguous().numpy().tobytes())
         digest.update(f"{self.n_users},{self.n_items}".encode())
+        if self.negatives is not None:
+            digest.update(b"negatives" + self.negatives.fingerprint().encode())
         return digest.hexdigest()
 
     def user_counts(self) -> torch.Tensor:
