@@ -121,12 +121,15 @@ def test_each_config_group_option_runs(compose, tmp_path, overrides):
 
 def test_a_model_gets_its_preset_for_a_task_its_defaults_are_not_for(compose):
     """configs/preset/hybrid_ranking.yaml: model=hybrid under task=ranking trains what the ranking
-    experiment does; under task=rating (and for models without a preset) nothing changes; the command
-    line still overrides a preset's keys."""
+    experiment does; mf_ranking.yaml gives model=mf its ranking dimension; under task=rating (and for
+    models without a preset) nothing changes; the command line still overrides a preset's keys."""
     ranking = compose(["task=ranking", "model=hybrid"])
     assert ranking.model.reg == 0.07 and ranking.model.implicit is False and ranking.trainer.batch_size == 100000
     assert compose(["model=hybrid"]).model.reg == 1.0 and compose(["model=hybrid"]).model.implicit is True
     assert compose(["task=ranking"]).model._target_ == "recsys_torch.models.MFModel"
+    # configs/preset/mf_ranking.yaml: 128 factors for ranking, 64 for ratings; the experiment pins its own
+    assert compose(["task=ranking"]).model.embedding_dim == 128 and compose([]).model.embedding_dim == 64
+    assert compose(["experiment=ranking_ml100k_mf"]).model.embedding_dim == 64
     mine = compose(["task=ranking", "model=hybrid", "model.reg=0.5", "trainer.lr=0.02"])
     assert mine.model.reg == 0.5 and mine.trainer.lr == 0.02
     experiment = compose(["experiment=ranking_ml100k_hybrid"])
@@ -222,9 +225,9 @@ def test_script_says_which_preset_it_picked(tmp_path):
 
 def test_script_names_no_preset_where_the_model_and_task_have_none(tmp_path):
     tiny = [f"data.{key}={value}" for key, value in TINY.items()]
-    proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", f"hydra.run.dir={tmp_path}")
+    proc = run_script("data=synthetic", *tiny, *TINY_RUN, "task=ranking", "model=content", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    assert "preset" not in (tmp_path / "train.log").read_text()  # there is no configs/preset/mf_ranking.yaml
+    assert "preset" not in (tmp_path / "train.log").read_text()  # there is no configs/preset/content_ranking.yaml
 
 
 def test_script_warns_when_a_typed_model_l2_setting_changes_nothing(tmp_path):
