@@ -273,6 +273,49 @@ def test_ranking_data_is_the_runs_split(tiny_ranking):
     assert len(data.eval_users) == 20 and set(data.eval_users) <= set(split.test.users.tolist())
 
 
+def test_ranking_data_carries_the_runs_explicit_negatives(tmp_path, tiny_ranking):
+    """With a threshold, the suite's data holds each part's explicit negatives as the run has them; our
+    rows train on those of their parts, and implicit-als-neg feeds them to implicit as negative
+    confidences (a peer without them runs as before; data without them skips the entry)."""
+    from recsys_torch.cli import compose
+    from recsys_torch.train import build
+
+    overrides = ("data=synthetic", "data.n_users=60", "data.n_items=40", "data.n_ratings=1200", "task=ranking",
+                 "task.threshold=4", "split=user", "split.val=0.05", "split.test=0.2", "seed=42")
+    spec = rank.DataSpec("tiny-neg", overrides, (*rank.ML100K, *overrides))
+    data = rank.prepare(spec)
+    split = build(compose([*spec.overrides, "logger=none"])).splits[0]
+    for part, inter in enumerate((split.train, split.val, split.test)):
+        u, i = data.negative_arrays(part)
+        assert sorted(zip(u.tolist(), i.tolist())) == sorted(zip(inter.negatives.users.tolist(),
+                                                                 inter.negatives.items.tolist()))
+    path = str(tmp_path / "data.npz")
+    data.save(path)
+    again = rank.RankData.load(path)
+    assert all((a == b).all() for a, b in zip(again.negatives, data.negatives))
+    fit_on = again.interactions(0, 1)
+    assert len(fit_on.negatives) == len(data.negative_arrays(0, 1)[0]) > 0
+    assert "explicit negatives" in data.describe()
+    _, plain = tiny_ranking
+    assert plain.negatives is None and rank.RankData.load(_saved(plain, tmp_path)).negatives is None
+    assert "no explicit negatives" in rank.skip_reason(rank.CATALOG["implicit-als-neg"], plain)
+    if HAS_IMPLICIT:
+        entry = rank.CATALOG["implicit-als-neg"].override(epochs=3, embedding_dim=4)
+        with_neg = rank.fit_peer(entry.params, "implicit", data, (0,), 1, 0)
+        without = dict(entry.params, kwargs={k: v for k, v in entry.params["kwargs"].items() if k != "negative_value"})
+        users = np.arange(data.n_users)
+        assert not np.allclose(with_neg.scores(users), rank.fit_peer(without, "implicit", data, (0,), 1, 0).scores(users))
+        bpr = {"algo": "BPR", "kwargs": {"factors": 4, "iterations": 2, "negative_value": 0.5}}
+        with pytest.raises(ConfigError, match="in ALS only"):
+            rank.fit_peer(bpr, "implicit", data, (0,), 1, 0)
+
+
+def _saved(data, tmp_path) -> str:
+    path = str(tmp_path / "plain.npz")
+    data.save(path)
+    return path
+
+
 def test_ranking_suite_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     code = _script().main(["--suite", "ranking", *TINY_RANKING, "--epochs", "3", "--eval-users", "20",
@@ -283,7 +326,9 @@ def test_ranking_suite_runs_end_to_end(tmp_path, capsys):
     assert [r["name"] for r in results] == list(rank.DEFAULT_MODELS)
     for row in results:
         assert set(rank.ROW_KEYS) <= set(row), row
-        if rank.available(row["library"]):
+        if row["name"] == "implicit-als-neg":  # this data has no ratings below a threshold
+            assert row["ndcg"] is None and "not run" in row["notes"]
+        elif rank.available(row["library"]):
             assert 0 <= row["ndcg"] <= 1 and 0 <= row["recall"] <= 1 and row["fit_seconds"] > 0, row
             assert row["seconds_per_epoch"] > 0 and row["peak_rss_mb"] >= row["fit_peak_rss_mb"] > 10
             assert row["n_test_users"] == 20  # the fixed seeded sample of test users

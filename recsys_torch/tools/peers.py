@@ -155,19 +155,27 @@ def _user_items(users, items, n_users: int, n_items: int):
     return sp.csr_matrix((ones, (users.astype(np.int64), items.astype(np.int64))), shape=(n_users, n_items))
 
 
-def fit_implicit(params, users, items, n_users, n_items, threads, seed) -> RankFitted:
+def fit_implicit(params, users, items, n_users, n_items, threads, seed, negatives=None) -> RankFitted:
     """implicit's ``AlternatingLeastSquares`` (iALS, conjugate gradient; ``algo`` ALS) or
-    ``BayesianPersonalizedRanking`` (``algo`` BPR; its item factors carry the item bias)."""
+    ``BayesianPersonalizedRanking`` (``algo`` BPR; its item factors carry the item bias).
+
+    ``negatives``: ``(users, items)`` of explicit negatives, entered as implicit documents them for ALS:
+    a negative confidence (``-negative_value``, a setting of ours in ``kwargs``) marks a disliked item."""
     from threadpoolctl import threadpool_limits
 
     algo, kwargs = params["algo"], dict(params["kwargs"])
     if algo not in ("ALS", "BPR"):
         raise ConfigError(f"implicit model {algo!r} is not wired into the ranking benchmark")
+    negative_value = kwargs.pop("negative_value", None)
+    if negative_value is not None and algo != "ALS":
+        raise ConfigError("implicit takes explicit negatives (negative_value) in ALS only")
     if algo == "ALS":  # imported before the BLAS limit below, so that it covers the BLAS they load
         from implicit.cpu.als import AlternatingLeastSquares as Model
     else:
         from implicit.cpu.bpr import BayesianPersonalizedRanking as Model
     X = _user_items(users, items, n_users, n_items)
+    if negative_value is not None and negatives is not None and len(negatives[0]):
+        X = X - float(negative_value) * _user_items(*negatives, n_users, n_items)
     # implicit parallelizes over users itself and asks for a single-threaded BLAS (it warns otherwise)
     with threadpool_limits(1, "blas"):
         model = Model(**kwargs, num_threads=threads, random_state=seed)
