@@ -138,11 +138,17 @@ def test_gram_apply_is_the_sparse_tensor_product_over_the_positives():
         torch.set_num_threads(threads)
 
 
-def test_als_with_and_without_the_kernel_agree():
+@pytest.mark.parametrize("negatives", [False, True])
+def test_als_with_and_without_the_kernel_agree(negatives):
+    """Also with explicit negatives: their pairs go through the kernel's product with their own weight."""
     from recsys_torch.tasks import RankingTask
     from recsys_torch.trainer import Trainer
 
     inter = _data(n=1500, n_users=60, n_items=40)
+    if negatives:
+        low = inter.subset(inter.ratings < 4)
+        inter = inter.subset(inter.ratings >= 4)
+        inter.negatives = low
     fits = []
     for use in (True, False):
         torch.manual_seed(0)
