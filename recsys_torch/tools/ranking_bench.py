@@ -374,12 +374,12 @@ def available(library: str) -> bool:
 
 def skip_reason(entry: Entry, data: RankData) -> str | None:
     """Why an entry is not run on this data (a row then says so), or None."""
+    if "negative_value" in entry.params.get("kwargs", {}) and data.negatives is None:  # whoever is installed
+        return "not run: this data has no ratings below a threshold (no explicit negatives)"
     if not available(entry.library):
         how = ("its sdist needs a setup.py fix to build" if entry.library == "lightfm"
                else "pip install -e '.[bench]'")
         return f"not run: {entry.library} is not installed ({how})"
-    if "negative_value" in entry.params.get("kwargs", {}) and data.negatives is None:
-        return "not run: this data has no ratings below a threshold (no explicit negatives)"
     if entry.library == "cornac" and entry.params["algo"] == "EASE" and data.n_items > EASE_MAX_ITEMS:
         gb = 12 * data.n_items ** 2 / 1e9
         return (f"not run: EASE inverts a dense {data.n_items:,}² Gram matrix (about {gb:.0f} GB for G, its inverse "
