@@ -10,7 +10,8 @@ gradient path (``optimizer=adam``) and this one minimize the same thing; ALS nee
 For a user u the normal equations are
 ``(gramian_weight * G + sum_i c_ui q_i q_i^T + reg_u I) p_u = sum_i c_ui y_ui q_i``
 with ``G = Q^T Q``, over the user's observed pairs i: the positives (target ``y`` 1, weight ``c``
-``confidence`` times the row's weight) and the explicit negatives (``y`` 0, ``c`` ``negative_weight``).
+``confidence`` times the row's weight) and the explicit negatives (``y`` 0, ``c`` ``negative_weight``,
+on top of the ``gramian_weight`` every pair has through ``G``).
 The sum is applied on the CSR pattern of those pairs (the compiled kernel's ``gram_apply``, or sparse
 tensor products), never as a dense matrix.
 """

@@ -51,17 +51,25 @@ def make_experiment(dataset: Dataset, task: Task, split: Callable, seed: int) ->
     part's own: :func:`~recsys_torch.splits.negative_parts` holds out those that belong with the
     held-out positives."""
     inter = task.prepare_data(dataset.interactions)
-    log.info("data %s: %s", dataset.name, inter.describe())
+    kept = "" if task.threshold is None else f" (the positives: ratings >= {task.threshold:g})"
+    log.info("data %s: %s%s", dataset.name, inter.describe(), kept)
     splits = split(inter, seed=seed)
     negatives = task.negatives(dataset.interactions)
+    below = below_threshold(task, dataset.interactions)
     if negatives is not None and len(negatives):
         for s in splits:
             parts = torch.from_numpy(negative_parts(s, inter, negatives, seed))
             for k, part in enumerate((s.train, s.val, s.test)):
                 part.negatives = negatives.subset(parts == k)
         inter.negatives = negatives  # a final fit trains on every rating
-        log.info("explicit negatives (ratings below %g): %d, of which %d train (task.negative_weight=%g)",
-                 task.threshold, len(negatives), len(splits[0].train.negatives), task.negative_weight)
+        counts = [len(p.negatives) for p in (splits[0].train, splits[0].val, splits[0].test)]
+        log.info("explicit negatives (ratings below %g, task.negative_weight=%g): %d; %d in the training part, %d in "
+                 "validation (a refit trains on both), %d held out with the test positives", task.threshold,
+                 task.negative_weight, len(negatives), *counts)
+    elif below is not None and len(below):
+        why = ("task.negative_weight=0" if task.loss_name == "gramian" else
+               f"task.loss={task.loss_name} trains on the positives; explicit negatives are task.loss=gramian's")
+        log.info("the %d ratings below %g are not trained on (%s)", len(below), task.threshold, why)
     return Experiment(dataset, task, inter, splits, seed)
 
 
@@ -104,17 +112,21 @@ def check_finite(model, metrics: dict, task: Task, where: str) -> None:
         raise TrainingError(f"{where}: test/{task.monitor} is {value}: the model's predictions are not finite")
 
 
-def warn_about_features(model, dataset: Dataset, split: Split) -> None:
+def warn_about_features(model, dataset: Dataset, split: Split, task: Task | None = None) -> None:
     """Say so when a model built for features gets none, or a cold split tests what the model cannot score."""
     if model.wants_features and dataset.item_features is None and dataset.user_features is None:
         log.warning("%s uses item and user features, and this data set has none: it trains on the ids alone "
                     "(add data.items=... / data.users=... with their features)", type(model).__name__)
+    ranking = task is not None and task.implicit
     if split.name == "cold_item" and not model.scores_unknown_items:
-        log.warning("split=cold_item tests items training never saw, and %s has no item features to score them: "
-                    "they get the global mean plus the user's bias", type(model).__name__)
+        log.warning("split=cold_item tests items training never saw, and %s has no item features to score them: %s",
+                    type(model).__name__, "they are not ranked (the candidates are the items training saw), so each "
+                    "test positive counts as a miss" if ranking else "they get the global mean plus the user's bias")
     if split.name == "cold_user" and not model.scores_unknown_users:
-        log.warning("split=cold_user tests users training never saw, and %s has no user features to score them: "
-                    "they get the global mean plus the item's bias", type(model).__name__)
+        log.warning("split=cold_user tests users training never saw, and %s has no user features to score them: %s",
+                    type(model).__name__, "each gets the same ranking, by the item biases (all 0 under "
+                    "task.loss=gramian); scripts/foldin_eval.py ranks them folded in from a few ratings" if ranking
+                    else "they get the global mean plus the item's bias")
 
 
 def run(experiment: Experiment, make_model: Callable, make_trainer: Callable, output_dir: str, config: dict,
@@ -138,7 +150,7 @@ def run(experiment: Experiment, make_model: Callable, make_trainer: Callable, ou
         torch.manual_seed(seed + k)
         model = make_model()
         if k == 0:
-            warn_about_features(model, dataset, split)
+            warn_about_features(model, dataset, split, task)
         logger = make_logger(fold) if folder is not None else NullLogger()
         # every rank reads it to resume; the trainer lets rank 0 alone write it
         checkpoint = os.path.join(output_dir, f"last-{fold}.pt" if fold else "last.pt")

@@ -543,6 +543,45 @@ def test_gramian_fold_in_solves_the_users_als_equation():
     assert v.grad.abs().max() < 1e-9
 
 
+def test_an_experiment_says_which_ratings_below_the_threshold_train(caplog):
+    """The log counts the negatives of each part (a refit trains on train + validation), or says why
+    the ratings below the threshold do not train."""
+    from recsys_torch.data.synthetic import synthetic
+    from recsys_torch.experiment import make_experiment
+
+    dataset = encode(synthetic(n_users=40, n_items=30, n_ratings=600, seed=1))
+    below = int((dataset.interactions.ratings < 4.0).sum())
+    caplog.set_level("INFO", logger="recsys_torch")
+    experiment = make_experiment(dataset, RankingTask(threshold=4.0), lambda inter, seed: user_split(inter, seed=seed),
+                                 seed=0)
+    split = experiment.splits[0]
+    counts = [len(p.negatives) for p in (split.train, split.val, split.test)]
+    assert (f"explicit negatives (ratings below 4, task.negative_weight=0.6): {below}; {counts[0]} in the training "
+            f"part, {counts[1]} in validation (a refit trains on both), {counts[2]} held out") in caplog.text
+    assert "(the positives: ratings >= 4)" in caplog.text
+    for task, why in ((RankingTask(threshold=4.0, negative_weight=0.0), "task.negative_weight=0"),
+                      (RankingTask(threshold=4.0, loss="bpr"), "task.loss=bpr trains on the positives")):
+        caplog.clear()
+        make_experiment(dataset, task, lambda inter, seed: user_split(inter, seed=seed), seed=0)
+        assert f"the {below} ratings below 4 are not trained on ({why}" in caplog.text
+
+
+def test_cold_split_warnings_say_what_a_ranking_run_does_with_unseen_ids(caplog):
+    from recsys_torch.experiment import warn_about_features
+    from recsys_torch.splits import Split
+
+    inter = _random_positives()
+    model, dataset = MFModel(7, 11), type("D", (), {"item_features": None, "user_features": None})()
+    for name, ranking, rating in (("cold_user", "each gets the same ranking", "global mean plus the item's bias"),
+                                  ("cold_item", "each test positive counts as a miss", "global mean plus the user's bias")):
+        caplog.clear()
+        warn_about_features(model, dataset, Split(inter, inter, inter, name=name), RankingTask(threshold=None))
+        assert ranking in caplog.text and rating not in caplog.text
+        caplog.clear()
+        warn_about_features(model, dataset, Split(inter, inter, inter, name=name))
+        assert rating in caplog.text
+
+
 def test_an_experiment_trains_on_the_negatives_of_its_training_part_only():
     """make_experiment (every script's and rt.fit's way in) gives each split part its own explicit
     negatives; the refit's train + val joins theirs; the test part's never reach training. A loss other
