@@ -55,6 +55,17 @@ def _config(group: str, name: str) -> tuple[str, dict, dict]:
     return target, node, trainer
 
 
+def _preset(model: str, task: str) -> dict:
+    """``configs/preset/<model>_<task>.yaml`` as ``{"model": ..., "task": ..., "trainer": ...}`` (empty
+    when the pair has none): the settings the command line's ``optional preset`` picks for a model
+    under a task its own defaults are not for."""
+    path = os.path.join(CONFIG_DIR, "preset", f"{model}_{task}.yaml")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
 def _target(path: str):
     import importlib
 
@@ -142,10 +153,13 @@ def fit(data, model: str = "mf", split: str = "random", task: str = "rating", ou
     split_target, split_settings, _ = _config("split", split)
     task_target, task_settings, _ = _config("task", task)
     _, trainer_settings, _ = _config("trainer", "default")
+    preset = _preset(model, task)  # as train.yaml composes: defaults, the model file, the preset, then yours
+    model_settings.update(preset.get("model") or {})
+    task_settings.update(preset.get("task") or {})
     model_settings.update(model_args or {})
     split_settings.update(split_args or {})
     task_settings.update(task_args or {})
-    trainer_settings = {**trainer_settings, **model_trainer, **trainer_args}
+    trainer_settings = {**trainer_settings, **model_trainer, **(preset.get("trainer") or {}), **trainer_args}
     the_task = _target(task_target)(**task_settings)
     warn_unused_model_settings(getattr(the_task, "loss_name", None), model_args or {})
     experiment = make_experiment(dataset, the_task, functools.partial(_target(split_target), **split_settings), seed)

@@ -3,11 +3,13 @@ kind of run folder as one of scripts/train.py."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -59,6 +61,28 @@ def test_fit_takes_the_command_lines_defaults_and_refuses_unknown_names(tmp_path
     with pytest.raises(ConfigError, match=r"unknown trainer setting 'overwrite'; the settings are: epochs, "):
         rt.fit(data, model="mf", out=str(tmp_path / "z"), overwrite=True)
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before any run folder
+
+
+def test_fit_takes_a_models_preset_for_the_task_as_the_command_line_does(tmp_path):
+    """rt.fit(model=..., task=...) composes configs/preset/<model>_<task>.yaml like train.py: the same
+    model, task and trainer settings as `train.py model=... task=...`, and the caller's keywords win."""
+    import recsys_torch as rt
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    tiny_ratings(tmp_path)
+    data = rt.load(str(tmp_path / "ratings.csv"), columns={"user": "userId", "item": "movieId"})
+    for model in ("mf", "hybrid"):
+        run = rt.fit(data, model=model, task="ranking", split="user", out=str(tmp_path / model), epochs=1,
+                     progress=False, tensorboard=False)
+        config = torch.load(os.path.join(run.path, "checkpoint.pt"), weights_only=True)["config"]
+        cli = OmegaConf.to_container(compose_cfg([f"model={model}", "task=ranking"]), resolve=True)
+        assert {k: v for k, v in config["model"].items()} == cli["model"]
+        assert config["trainer"]["lr"] == cli["trainer"]["lr"] and config["trainer"]["epochs"] == 1
+    assert config["trainer"]["batch_size"] == 100000  # the hybrid preset's, not the default trainer's
+    mine = rt.fit(data, model="mf", task="ranking", split="user", out=str(tmp_path / "mine"), epochs=1, progress=False,
+                  tensorboard=False, model_args={"embedding_dim": 16})
+    assert torch.load(os.path.join(mine.path, "checkpoint.pt"), weights_only=True)["config"]["model"]["embedding_dim"] == 16
 
 
 def test_fit_warns_about_model_l2_settings_the_gramian_loss_ignores(tmp_path, caplog):
