@@ -193,7 +193,8 @@ def test_search_configs_optimize_a_validation_metric_their_runs_report(search, m
     assert hydra_cfg.hydra.sweeper.n_jobs == 1
     params = hydra_cfg.hydra.sweeper.params
     if search == "ranking_optuna":  # the Gramian loss solved by ALS: its own settings, no learning rate
-        assert {"task.gramian_weight", "task.reg", "task.confidence", "model.embedding_dim"} <= set(params)
+        assert {"task.gramian_weight", "task.reg", "task.confidence", "task.negative_weight",
+                "model.embedding_dim"} <= set(params)
     else:
         assert {"trainer.lr", "trainer.batch_size", "trainer.patience", "model.embedding_dim", "model.reg"} <= set(params)
     assert ("model.fusion" in params) == (search == "hybrid_optuna")
