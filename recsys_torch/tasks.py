@@ -348,8 +348,9 @@ class RankingTask(Task):
 
     def _gramian(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
         """The iALS objective (Hu et al. 2008; Rendle et al. 2021) by gradient descent, never building
-        the user x item matrix: ``confidence`` x (1 - s)^2 over the positives, ``negative_weight`` x s^2 over
-        the explicit negatives, plus ``gramian_weight`` x s^2 over every (user, item) pair, where s = <p_u, q_i>. The all-pairs sum of a user is p_u^T G p_u with
+        the user x item matrix: ``confidence`` x (1 - s)^2 over the positives, ``negative_weight`` x s^2
+        over the explicit negatives, plus ``gramian_weight`` x s^2 over every (user, item) pair, where
+        s = <p_u, q_i>. The all-pairs sum of a user is p_u^T G p_u with
         G = Q^T Q the d x d Gramian of the item vectors, so a batch costs O(batch x d^2 + items x d^2 +
         positives x d). Normalized so that an epoch's expected loss is the objective divided by the
         number of positives. The L2 is this loss's own
@@ -419,7 +420,8 @@ class RankingTask(Task):
             return self.reg * (n + self.gramian_weight * n_candidates) ** self.reg_frequency + 1e-6
         return reg * n ** (1.0 - reg_exponent) + 1e-6
 
-    def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    def fold_in_loss(self, scores: torch.Tensor, positives: torch.Tensor,
+                     negatives: torch.Tensor | None = None) -> torch.Tensor:
         """A new user's training loss against every candidate item (``scores`` ``[n]``; ``positives``
         the indices of the user's positives, ``negatives`` of their explicit negatives, which only the
         Gramian loss uses), summed over the positives."""

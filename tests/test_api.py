@@ -82,7 +82,8 @@ def test_fit_takes_a_models_preset_for_the_task_as_the_command_line_does(tmp_pat
     assert config["trainer"]["batch_size"] == 100000  # the hybrid preset's, not the default trainer's
     mine = rt.fit(data, model="mf", task="ranking", split="user", out=str(tmp_path / "mine"), epochs=1, progress=False,
                   tensorboard=False, model_args={"embedding_dim": 16})
-    assert torch.load(os.path.join(mine.path, "checkpoint.pt"), weights_only=True)["config"]["model"]["embedding_dim"] == 16
+    config = torch.load(os.path.join(mine.path, "checkpoint.pt"), weights_only=True)["config"]
+    assert config["model"]["embedding_dim"] == 16
 
 
 def test_fit_warns_about_model_l2_settings_the_gramian_loss_ignores(tmp_path, caplog):

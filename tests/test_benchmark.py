@@ -304,7 +304,8 @@ def test_ranking_data_carries_the_runs_explicit_negatives(tmp_path, tiny_ranking
         with_neg = rank.fit_peer(entry.params, "implicit", data, (0,), 1, 0)
         without = dict(entry.params, kwargs={k: v for k, v in entry.params["kwargs"].items() if k != "negative_value"})
         users = np.arange(data.n_users)
-        assert not np.allclose(with_neg.scores(users), rank.fit_peer(without, "implicit", data, (0,), 1, 0).scores(users))
+        plain_fit = rank.fit_peer(without, "implicit", data, (0,), 1, 0)
+        assert not np.allclose(with_neg.scores(users), plain_fit.scores(users))
         bpr = {"algo": "BPR", "kwargs": {"factors": 4, "iterations": 2, "negative_value": 0.5}}
         with pytest.raises(ConfigError, match="in ALS only"):
             rank.fit_peer(bpr, "implicit", data, (0,), 1, 0)

@@ -572,8 +572,9 @@ def test_cold_split_warnings_say_what_a_ranking_run_does_with_unseen_ids(caplog)
 
     inter = _random_positives()
     model, dataset = MFModel(7, 11), type("D", (), {"item_features": None, "user_features": None})()
-    for name, ranking, rating in (("cold_user", "each gets the same ranking", "global mean plus the item's bias"),
-                                  ("cold_item", "each test positive counts as a miss", "global mean plus the user's bias")):
+    cases = (("cold_user", "each gets the same ranking", "global mean plus the item's bias"),
+             ("cold_item", "each test positive counts as a miss", "global mean plus the user's bias"))
+    for name, ranking, rating in cases:
         caplog.clear()
         warn_about_features(model, dataset, Split(inter, inter, inter, name=name), RankingTask(threshold=None))
         assert ranking in caplog.text and rating not in caplog.text
