@@ -119,7 +119,7 @@ class ALSStep:
         # every observed pair (positives and explicit negatives), item-major, for the item solve
         crow, users, order = transposed(task.obs_indptr, task.obs_items, n_items)
         self.by_item = csr(crow, users, task.obs_weight[order], (n_items, n_users))
-        self.by_item_target = task.obs_target[order]
+        self.by_item_target = None if task.obs_target is None else task.obs_target[order]
         self._items = None  # the item side's Gramian and L2, fixed while an epoch's users are solved
 
     def _item_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

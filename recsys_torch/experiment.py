@@ -55,7 +55,6 @@ def make_experiment(dataset: Dataset, task: Task, split: Callable, seed: int) ->
     log.info("data %s: %s%s", dataset.name, inter.describe(), kept)
     splits = split(inter, seed=seed)
     negatives = task.negatives(dataset.interactions)
-    below = below_threshold(task, dataset.interactions)
     if negatives is not None and len(negatives):
         for s in splits:
             parts = torch.from_numpy(negative_parts(s, inter, negatives, seed))
@@ -66,7 +65,7 @@ def make_experiment(dataset: Dataset, task: Task, split: Callable, seed: int) ->
         log.info("explicit negatives (ratings below %g, task.negative_weight=%g): %d; %d in the training part, %d in "
                  "validation (a refit trains on both), %d held out with the test positives", task.threshold,
                  task.negative_weight, len(negatives), *counts)
-    elif below is not None and len(below):
+    elif (below := below_threshold(task, dataset.interactions)) is not None and len(below):
         why = ("task.negative_weight=0" if task.loss_name == "gramian" else
                f"task.loss={task.loss_name} trains on the positives; explicit negatives are task.loss=gramian's")
         log.info("the %d ratings below %g are not trained on (%s)", len(below), task.threshold, why)

@@ -260,7 +260,7 @@ class RankingTask(Task):
             neg = neg.subset((self.pos_indptr.diff().cpu()[neg.users.cpu()] > 0) & known_items[neg.items.cpu()])
         if neg is None or len(neg) == 0 or self.negative_weight == 0:
             self.obs_indptr, self.obs_items, self.obs_weight = self.pos_indptr, self.pos_items, weight
-            self.obs_target = torch.ones_like(weight)
+            self.obs_target = None  # every target 1: the solvers skip the per-pair targets
             self.n_negatives_trained = 0
             return
         n_users = train.n_users
@@ -328,7 +328,11 @@ class RankingTask(Task):
 
     def _observed_of(self, users: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The Gramian loss's observed pairs of a batch of users: (row in the batch, item, weight, target)
-        per pair, grouped by row, and the row pointers (:meth:`_observed`)."""
+        per pair, grouped by row, and the row pointers (:meth:`_observed`); target None when every one
+        is 1 (no explicit negatives)."""
+        if self.obs_target is None:
+            rows, items, weight, crow = self._rows_of(users, self.obs_indptr, self.obs_items, self.obs_weight)
+            return rows, items, weight, None, crow
         return self._rows_of(users, self.obs_indptr, self.obs_items, self.obs_weight, self.obs_target)
 
     def _user_softmax(self, model: FactorizationModel, users: torch.Tensor) -> torch.Tensor:
@@ -368,7 +372,8 @@ class RankingTask(Task):
         gram = q.T @ q
         all_pairs = ((p @ gram) * p).sum()
         _, items, weight, target, crow = self._observed_of(users)
-        observed = losses.sparse_squared_error(p.float(), q.float(), crow, items, weight, target)
+        observed = losses.sparse_squared_error(p.float(), q.float(), crow, items, weight,
+                                               1.0 if target is None else target)
         fit = observed + self.gramian_weight * all_pairs
         share = len(users) / self.n_active_users  # this batch's share of an epoch (the item L2 is once per epoch)
         reg = (self.user_reg_weight.index_select(0, users) * p.pow(2).sum(1)).sum()
